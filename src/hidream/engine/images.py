@@ -1,0 +1,215 @@
+"""Image I/O, reference sizing and pixel <-> patch conversion, matching the official HiDream-O1 pipeline."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+
+import einops
+import numpy as np
+import torch
+from PIL import Image
+
+from hidream.engine.errors import InvalidRequestError
+
+PATCH_SIZE = 32
+CONDITION_IMAGE_SIZE = 384
+KEEP_ASPECT_SIDE = 2048
+MIN_SIZE = 64
+MAX_SIZE = 4096
+
+# Only the everyday raster formats: some Pillow plugins (EPS runs Ghostscript) are unsafe on untrusted input.
+_ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+
+
+def _open_formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open."""
+    Image.init()
+    return tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image, field: str) -> Image.Image:
+    """Decode a path, encoded bytes or PIL image into a fully loaded RGB image."""
+    if isinstance(source, Image.Image):
+        try:
+            return source.convert("RGB")
+        except OSError as e:  # a lazily opened image can still fail to decode here
+            raise InvalidRequestError(field, f"the given image cannot be decoded ({e})") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        what, fp = "the image data", io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        what = f"image file {os.fspath(source)!r}"
+        try:
+            fp = open(source, "rb")
+        except OSError as e:
+            raise InvalidRequestError(field, f"cannot read {what}: {e.strerror or e}") from None
+    else:
+        raise InvalidRequestError(field, f"expected a path, bytes or PIL image, got {type(source).__name__}")
+    formats = _open_formats()
+    with fp:
+        try:
+            with Image.open(fp, formats=formats) as img:
+                limit = Image.MAX_IMAGE_PIXELS
+                # Pillow only warns between 1x and 2x its limit; treat the warning zone as an error too.
+                if limit and img.width * img.height > limit:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} exceeds {limit} pixels")
+                img.load()  # decode now so truncated or corrupt data fails here, not mid-generation
+                return img.convert("RGB")
+        except Image.UnidentifiedImageError:
+            rule = f"{what} is not an image in a supported format ({', '.join(formats)})"
+            raise InvalidRequestError(field, rule) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InvalidRequestError(field, f"{what} is too large to decode safely ({e})") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # Pillow raises many types on bad data (OSError, SyntaxError, struct.error...)
+            raise InvalidRequestError(field, f"{what} is not a readable image ({e})") from None
+
+
+def fit_to_area(img: Image.Image, side: int, multiple: int = PATCH_SIZE) -> Image.Image:
+    """Resize and centre-crop to the largest `multiple`-aligned size with area <= side**2."""
+    if side <= 0:
+        raise ValueError(f"side must be positive, got {side}")
+    # Cheap BOX halving first, so the BICUBIC step never downsamples by more than ~2x.
+    while min(img.size) >= 2 * side:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+
+    width, height = img.size
+    area = side * side
+    scale = math.sqrt(area / (width * height))
+    sw, sh = width * scale, height * scale
+    candidates = [
+        (round(sw) // multiple * multiple, round(sh) // multiple * multiple),
+        (round(sw) // multiple * multiple, math.floor(sh) // multiple * multiple),
+        (math.floor(sw) // multiple * multiple, round(sh) // multiple * multiple),
+        (math.floor(sw) // multiple * multiple, math.floor(sh) // multiple * multiple),
+    ]
+    candidates.sort(key=lambda s: s[0] * s[1], reverse=True)
+    new_w, new_h = next((s for s in candidates if s[0] * s[1] <= area), candidates[-1])
+    if new_w == 0 or new_h == 0:
+        raise ValueError(f"a {width}x{height} image cannot fit {multiple}-pixel multiples at side {side}")
+
+    s1, s2 = width / new_w, height / new_h
+    if s1 < s2:  # relatively taller than the target: match width, crop top and bottom
+        tall = round(height / s1)
+        img = img.resize((new_w, tall), resample=Image.BICUBIC)
+        top = (tall - new_h) // 2
+        return img.crop((0, top, new_w, top + new_h))
+    wide = round(width / s2)
+    img = img.resize((wide, new_h), resample=Image.BICUBIC)
+    left = (wide - new_w) // 2
+    return img.crop((left, 0, left + new_w, new_h))
+
+
+def reference_side(count: int, width: int, height: int) -> int:
+    """Side of the square area budget for each of `count` references on a width x height target."""
+    longest = max(width, height)
+    if count == 1:
+        return longest
+    if count == 2:
+        return longest * 48 // 64
+    if count <= 4:
+        return longest // 2
+    if count <= 8:
+        return longest * 24 // 64
+    return longest // 4
+
+
+def condition_side(count: int) -> int:
+    """Side of the area budget for each reference's vision-encoder copy."""
+    if count <= 4:
+        return CONDITION_IMAGE_SIZE
+    if count <= 8:
+        return CONDITION_IMAGE_SIZE * 48 // 64
+    return CONDITION_IMAGE_SIZE // 2
+
+
+def condition_size(side: int, ratio: float) -> tuple[int, int]:
+    """(width, height) with aspect `ratio`, area about side**2, each floored to a multiple of 32."""
+    width = math.sqrt(side * side * ratio)
+    height = width / ratio
+    return int(width / 32) * 32, int(height / 32) * 32
+
+
+def prepare_references(
+    images: Sequence[Image.Image],
+    width: int,
+    height: int,
+    keep_original_aspect: bool,
+    *,
+    field: str = "images",
+) -> tuple[int, int, list[Image.Image], list[Image.Image]]:
+    """Size the references for the target; returns (width, height, refs_resized, refs_for_vit)."""
+    count = len(images)
+    if keep_original_aspect and count == 1:
+        refs = [_fit_reference(images[0], KEEP_ASPECT_SIDE, field, 0)]
+        width, height = refs[0].size
+    else:
+        side = reference_side(count, width, height)
+        refs = [_fit_reference(img, side, field, i) for i, img in enumerate(images)]
+
+    cond_side = condition_side(count)
+    for_vit = []
+    for i, ref in enumerate(refs):
+        cond_w, cond_h = condition_size(cond_side, ref.width / ref.height)
+        if cond_w == 0 or cond_h == 0:
+            rule = f"reference {i} ({ref.width}x{ref.height}) has too extreme an aspect ratio"
+            raise InvalidRequestError(field, rule)
+        for_vit.append(ref.resize((cond_w, cond_h), resample=Image.LANCZOS))
+    return width, height, refs, for_vit
+
+
+def _fit_reference(img: Image.Image, side: int, field: str, index: int) -> Image.Image:
+    """fit_to_area, reporting a degenerate result as the caller's mistake."""
+    try:
+        return fit_to_area(img, side)
+    except ValueError:
+        rule = f"reference {index} ({img.width}x{img.height}) is too small or thin for a {side}px budget"
+        raise InvalidRequestError(field, rule) from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> [3, H, W] float32 in [-1, 1], bit-identical to the official torchvision transform."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    x = einops.rearrange(x, "H W C -> C H W").to(torch.float32)
+    # torchvision's ToDtype(scale=True) multiplies by 1/255 instead of dividing; they differ in the last bit.
+    x = x.mul_(1.0 / 255)
+    half = torch.tensor([0.5], dtype=torch.float32)
+    return x.sub_(half).div_(half)
+
+
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] pixels -> [B, (H/32)*(W/32), 3*32*32] patch tokens, channel-major inside a patch."""
+    return einops.rearrange(x, "B C (H p1) (W p2) -> B (H W) (C p1 p2)", p1=PATCH_SIZE, p2=PATCH_SIZE)
+
+
+def unpatchify(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, (H/32)*(W/32), 3*32*32] patch tokens -> [B, 3, H, W] pixels."""
+    if height % PATCH_SIZE or width % PATCH_SIZE:
+        raise ValueError(f"{width}x{height} is not a multiple of {PATCH_SIZE}")
+    return einops.rearrange(
+        z,
+        "B (H W) (C p1 p2) -> B C (H p1) (W p2)",
+        H=height // PATCH_SIZE,
+        W=width // PATCH_SIZE,
+        p1=PATCH_SIZE,
+        p2=PATCH_SIZE,
+    )
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] tensor in [-1, 1] -> RGB image, rounding half to even like the official code."""
+    scaled = ((x.detach().cpu().float() + 1) / 2).numpy().transpose(1, 2, 0) * 255
+    return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8)).convert("RGB")
+
+
+def check_size(width: int, height: int) -> None:
+    """Reject a target size that is not a multiple of 32 within [64, 4096]."""
+    for name, value in (("width", width), ("height", height)):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or value % PATCH_SIZE or not MIN_SIZE <= value <= MAX_SIZE:
+            raise InvalidRequestError(
+                name, f"must be a multiple of {PATCH_SIZE} from {MIN_SIZE} to {MAX_SIZE}, got {value!r}"
+            )

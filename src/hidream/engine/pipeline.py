@@ -1,0 +1,235 @@
+"""The engine's one door: load a checkpoint once, then `generate(request)` -> images."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from hidream.engine import images as img
+from hidream.engine.checkpoint import load_model
+from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, detect_variant, load_spec, recipe_for
+from hidream.engine.errors import CheckpointError, InvalidRequestError
+from hidream.engine.model import HiDreamO1, VisualInjection
+from hidream.engine.sampling import Conditioning, Denoiser, Mode, ProgressFn, denoise
+from hidream.engine.schedulers import (
+    DEV_TIMESTEPS,
+    EulerFlow,
+    FlashEuler,
+    Sampler,
+    Schedule,
+    UniPCMultistep,
+    fixed_schedule,
+    linear_schedule,
+    noise_scale_schedule,
+    unipc_schedule,
+)
+from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
+
+MAX_REFERENCES = 10
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**32 - 1
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. None means the checkpoint recipe's default for the mode."""
+
+    prompt: str
+    width: int = 2048
+    height: int = 2048
+    references: Sequence[ImageInput] = ()
+    keep_original_aspect: bool = False
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    seed: int = 0
+    num_images: int = 1
+    scheduler: SchedulerName | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    width: int
+    height: int
+    seeds: list[int]
+    steps: int
+    guidance: float
+    scheduler: SchedulerName
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load_processors(checkpoint: Path):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}: tokenizer files missing or unreadable ({err})") from err
+    if not (checkpoint / "preprocessor_config.json").is_file():
+        raise CheckpointError(f"{checkpoint}: preprocessor_config.json missing")
+    try:
+        processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}/preprocessor_config.json: unreadable ({err})") from err
+    return tokenizer, processor
+
+
+class Engine:
+    """A loaded checkpoint, warm for any number of requests."""
+
+    def __init__(self, model: HiDreamO1, encoder: PromptEncoder, variant: Variant, checkpoint: Path) -> None:
+        self.model = model
+        self.encoder = encoder
+        self.variant = variant
+        self.checkpoint = checkpoint
+        weight = model.model.language_model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, variant: Variant | None = None) -> Engine:
+        """Load a checkpoint directory in the official layout (CUDA and bf16 when available)."""
+        path = Path(checkpoint).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        spec = load_spec(path)
+        tokenizer, processor = _load_processors(path)
+        encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
+        model = load_model(path, device, dtype, spec)
+        return cls(model, encoder, variant or detect_variant(path), path)
+
+    # --- the request ----------------------------------------------------------------------------
+
+    def recipe(self, num_references: int) -> Recipe:
+        return recipe_for(self.variant, num_references)
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise InvalidRequestError naming the first field that breaks a rule."""
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise InvalidRequestError("prompt", "must be a non-empty string, not only whitespace")
+        self.encoder.check_prompt(req.prompt)
+        img.check_size(req.width, req.height)
+        if len(req.references) > MAX_REFERENCES:
+            raise InvalidRequestError("references", f"at most {MAX_REFERENCES} images (got {len(req.references)})")
+        if req.steps is not None and not (isinstance(req.steps, int) and 1 <= req.steps <= MAX_STEPS):
+            raise InvalidRequestError("steps", f"must be an integer from 1 to {MAX_STEPS} (got {req.steps})")
+        if req.guidance is not None and not (0.0 <= req.guidance <= MAX_GUIDANCE):
+            raise InvalidRequestError("guidance", f"must be from 0 to {MAX_GUIDANCE:g} (got {req.guidance})")
+        if req.shift is not None and not (0.0 < req.shift <= 100.0):
+            raise InvalidRequestError("shift", f"must be above 0 and at most 100 (got {req.shift})")
+        if not (isinstance(req.seed, int) and 0 <= req.seed <= MAX_SEED):
+            raise InvalidRequestError("seed", f"must be an integer from 0 to {MAX_SEED} (got {req.seed})")
+        if not (isinstance(req.num_images, int) and 1 <= req.num_images <= 4):
+            raise InvalidRequestError("num_images", f"must be an integer from 1 to 4 (got {req.num_images})")
+        if req.scheduler not in (None, "unipc", "flash", "euler"):
+            raise InvalidRequestError("scheduler", f"must be unipc, flash or euler (got {req.scheduler!r})")
+
+    def _schedule(self, recipe: Recipe, steps: int, shift: float, scheduler: SchedulerName) -> Schedule:
+        if recipe.fixed_timesteps and steps == len(DEV_TIMESTEPS):
+            return fixed_schedule(DEV_TIMESTEPS)
+        return unipc_schedule(steps, shift) if scheduler == "unipc" else linear_schedule(steps, shift)
+
+    def _sampler(self, recipe: Recipe, schedule: Schedule, scheduler: SchedulerName, seed: int) -> Sampler:
+        if scheduler == "unipc":
+            return UniPCMultistep(schedule)
+        if scheduler == "euler":
+            return EulerFlow(schedule)
+        generator = torch.Generator(self.device).manual_seed(seed + 1)
+        scales = noise_scale_schedule(recipe.noise_scale, recipe.noise_scale_end, len(schedule.timesteps))
+        return FlashEuler(schedule, scales, recipe.noise_clip_std, generator)
+
+    def _conditioning(self, prompts: list[str], width: int, height: int,
+                      refs: list[Image.Image], refs_vit: list[Image.Image]) -> Conditioning:
+        encoder, model = self.encoder, self.model
+        vision = encoder.encode_references(refs_vit) if refs else None
+        feats, deep = None, None
+        if vision is not None:
+            with torch.inference_mode():
+                feats, deep = model.encode_images(vision.pixel_values.to(self.device), vision.grid_thw.to(self.device))
+        ref_sizes = [(r.height, r.width) for r in refs]
+        branches, embeds, visual = [], [], []
+        for prompt in prompts:
+            branch = encoder.branch(prompt, (height, width), ref_sizes, vision)
+            ids = branch.input_ids.to(self.device)
+            branches.append(branch)
+            embeds.append(model.embed_text(ids, feats))
+            visual.append(VisualInjection(ids == encoder.image_token_id, deep) if deep else None)
+        ref_patches = None
+        if refs:
+            ref_patches = torch.cat([img.patchify(img.to_tensor(r)[None]) for r in refs], dim=1)
+            ref_patches = ref_patches.to(self.device, self.dtype)
+        return Conditioning(branches, embeds, visual, ref_patches, (height // PATCH_SIZE) * (width // PATCH_SIZE))
+
+    @torch.inference_mode()
+    def generate(self, req: GenerationRequest, progress: ProgressFn | None = None,
+                 should_cancel: Callable[[], bool] | None = None, mode: Mode = "cached",
+                 batch_guidance: bool = True) -> GenerationResult:
+        """Generate `req.num_images` images (image i uses seed + i).
+
+        progress(step, total, preview) is called after every step; should_cancel() before every
+        step, and True stops with GenerationCanceled.
+        """
+        self.validate(req)
+        started = time.perf_counter()
+        sources = [img.load_image(r, f"references[{i}]") for i, r in enumerate(req.references)]
+        recipe = self.recipe(len(sources))
+        width, height, refs, refs_vit = img.prepare_references(sources, req.width, req.height, req.keep_original_aspect)
+        steps = req.steps or recipe.steps
+        guidance = recipe.guidance if req.guidance is None else req.guidance
+        shift = recipe.shift if req.shift is None else req.shift
+        scheduler = req.scheduler or recipe.scheduler
+        prompts = [req.prompt] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
+        cond = self._conditioning(prompts, width, height, refs, refs_vit)
+        denoiser = Denoiser(self.model, cond, mode=mode, batch=batch_guidance)
+        result = GenerationResult([], width, height, [], steps, guidance, scheduler, 0.0)
+        for k in range(req.num_images):
+            seed = req.seed + k
+            schedule = self._schedule(recipe, steps, shift, scheduler)
+            sampler = self._sampler(recipe, schedule, scheduler, seed)
+            z = self.initial_noise(seed, width, height, recipe.noise_scale)
+            tick = [time.perf_counter()]
+
+            def on_step(i: int, n: int, preview: Callable[[], Tensor], k: int = k) -> None:
+                now = time.perf_counter()
+                result.step_seconds.append(now - tick[0])
+                tick[0] = now
+                if progress is not None:
+                    progress(k * n + i, req.num_images * n, preview)
+
+            z = denoise(denoiser, z, schedule, sampler, guidance, on_step, should_cancel)
+            result.images.append(self.to_image(z, width, height))
+            result.seeds.append(seed)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def initial_noise(self, seed: int, width: int, height: int, scale: float) -> Tensor:
+        """The official initial noise: drawn on the CPU from seed + 1, scaled, then patchified: [1, L, 3072]."""
+        gen = torch.Generator("cpu").manual_seed(seed + 1)
+        noise = scale * torch.randn((1, 3, height, width), generator=gen)
+        return img.patchify(noise.to(self.device, self.dtype))
+
+    @staticmethod
+    def to_image(z: Tensor, width: int, height: int) -> Image.Image:
+        return img.to_pil(img.unpatchify(z.float().cpu(), height, width)[0])
