@@ -200,8 +200,11 @@ def unpatchify(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
-    """[3, H, W] tensor in [-1, 1] -> RGB image, rounding half to even like the official code."""
-    scaled = ((x.detach().cpu().float() + 1) / 2).numpy().transpose(1, 2, 0) * 255
+    """[3, H, W] tensor in [-1, 1] -> RGB image, rounding half to even like the official code.
+
+    (x + 1) / 2 is taken in x's own dtype, as the official code does with its bf16 latents.
+    """
+    scaled = ((x.detach() + 1) / 2).cpu().float().numpy().transpose(1, 2, 0) * 255
     return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8)).convert("RGB")
 
 

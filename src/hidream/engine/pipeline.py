@@ -232,4 +232,4 @@ class Engine:
 
     @staticmethod
     def to_image(z: Tensor, width: int, height: int) -> Image.Image:
-        return img.to_pil(img.unpatchify(z.float().cpu(), height, width)[0])
+        return img.to_pil(img.unpatchify(z, height, width)[0])

@@ -1,0 +1,167 @@
+"""The `hidream` command: generate | demo-model | bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hidream.engine.errors import HiDreamError
+from hidream.sizes import SIZE_PRESETS, parse_size
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+DEMO_SIZE = "512x512"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("HIDREAM_HOME") or Path.home() / ".cache" / "hidream")
+
+
+def demo_checkpoint() -> Path:
+    """The demo checkpoint under HIDREAM_HOME, written on first use."""
+    from hidream.engine.demo import write_demo_checkpoint
+
+    path = default_home() / "demo-model"
+    if not (path / "config.json").is_file():
+        write_demo_checkpoint(path)
+    return path
+
+
+def resolve_model(arg: str | None) -> tuple[Path, bool]:
+    """(checkpoint, is_demo): --model, else $HIDREAM_MODEL, else the demo checkpoint."""
+    chosen = arg or os.environ.get("HIDREAM_MODEL")
+    if chosen:
+        return Path(chosen).expanduser(), False
+    return demo_checkpoint(), True
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory in the official layout (default: $HIDREAM_MODEL, "
+                                   "else the demo checkpoint, whose images are noise)")
+    p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the directory name; "
+                                                              "'-Dev' means dev)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def output_paths(out: Path, count: int, fmt: str) -> list[Path]:
+    if out.suffix.lower().lstrip(".") not in FORMATS:
+        out = out.with_suffix("." + fmt)
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hidream.engine.images import load_image
+    from hidream.engine.pipeline import Engine, GenerationRequest
+
+    checkpoint, is_demo = resolve_model(args.model)
+    width, height = parse_size(args.size or (DEMO_SIZE if is_demo else "square_hd"), "--size")
+    fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "PNG").lower()
+    if is_demo:
+        print(f"note: no --model given, using the demo checkpoint at {checkpoint} (random weights: the image "
+              "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
+    references = [load_image(path, "--ref") for path in args.ref or []]
+    engine = Engine.load(checkpoint, device=args.device, dtype=_dtype(args.dtype), variant=args.variant)
+    request = GenerationRequest(
+        prompt=args.prompt, width=width, height=height, references=references,
+        keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
+        shift=args.shift, seed=args.seed, num_images=args.num_images,
+    )
+    engine.validate(request)
+    with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
+        def progress(step: int, total: int, _preview) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        result = engine.generate(request, progress=progress)
+    paths = output_paths(Path(args.output), len(result.images), fmt)
+    for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
+        print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from hidream.engine.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(args.directory, seed=args.seed, shards=args.shards)
+    print(f"wrote a demo checkpoint (random weights, official layout) to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hidream.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hidream", description="HiDream-O1-Image engine and service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an image from a prompt (and reference images)")
+    g.add_argument("prompt")
+    add_model_args(g)
+    g.add_argument("--size", help=f"preset ({', '.join(SIZE_PRESETS)}) or WxH (default: square_hd; "
+                                  f"{DEMO_SIZE} on the demo checkpoint)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the recipe's, 50 full / 28 dev)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 5.0 full / 0 dev)")
+    g.add_argument("--shift", type=float, help="timestep shift (default: 3.0; 1.0 with 2+ references)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1, help="image i uses seed + i")
+    g.add_argument("--ref", nargs="+", metavar="IMAGE", help="reference image(s): 1 edits, 2-10 personalize")
+    g.add_argument("--keep-original-aspect", action="store_true",
+                   help="with one reference: the output takes its aspect ratio (2K pixel budget)")
+    g.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from -o's extension, else png")
+    g.add_argument("-o", "--output", default="output.png")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
+    d.add_argument("directory")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--shards", type=int, default=1, help="write N shards with an index, as the real ones are")
+    d.set_defaults(func=cmd_demo_model)
+
+    b = sub.add_parser("bench", help="seconds per step and image, peak memory, speed-up over a plain step")
+    add_model_args(b)
+    b.add_argument("--config", choices=["demo", "full"],
+                   help="random weights of a named configuration instead of a checkpoint "
+                        "(full = the 8B HiDream-O1 shape)")
+    b.add_argument("--size", default="512x512")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--guidance", type=float, default=5.0)
+    b.add_argument("--refs", type=int, default=0, help="number of reference images (random pictures)")
+    b.add_argument("--plain-steps", type=int, default=None,
+                   help="steps for the plain baseline (default: the same as --steps)")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HiDreamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
