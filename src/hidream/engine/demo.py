@@ -17,6 +17,23 @@ from hidream.engine.demo_assets import write_demo_processor_config, write_demo_t
 VISION = {"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}
 
 
+# The published HiDream-O1-Image shape (Qwen3-VL-8B), for benchmarks with random weights.
+FULL_TEXT = {"hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "head_dim": 128, "intermediate_size": 12288,
+             "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}}
+FULL_VISION = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
+               "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24], "out_hidden_size": 4096}
+FULL_VOCAB = 151936
+
+
+def full_config(token_ids: dict[str, int]) -> dict:
+    """config.json of the full-size model (with the demo tokenizer's special-token ids)."""
+    raw = demo_config(token_ids, FULL_VOCAB)
+    raw["text_config"].update(FULL_TEXT)
+    raw["vision_config"].update(FULL_VISION)
+    return raw
+
+
 def demo_config(token_ids: dict[str, int], vocab_size: int, layers: int = 3, hidden: int = 64) -> dict:
     """config.json of the demo model, shaped like the published one (a stock `qwen3_vl` config)."""
     head_dim = 16

@@ -16,7 +16,7 @@ from hidream.engine.checkpoint import load_model
 from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, detect_variant, load_spec, recipe_for
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.model import HiDreamO1, VisualInjection
-from hidream.engine.sampling import Conditioning, Denoiser, Mode, ProgressFn, denoise
+from hidream.engine.sampling import Conditioning, Denoiser, Mode, denoise
 from hidream.engine.schedulers import (
     DEV_TIMESTEPS,
     EulerFlow,
@@ -37,6 +37,8 @@ MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1
 
 ImageInput = str | Path | bytes | Image.Image
+# progress(step, total, preview): preview() -> the current x0 estimate as an image.
+ProgressFn = Callable[[int, int, Callable[[], Image.Image]], None]
 
 
 @dataclass
@@ -188,8 +190,9 @@ class Engine:
                  batch_guidance: bool = True) -> GenerationResult:
         """Generate `req.num_images` images (image i uses seed + i).
 
-        progress(step, total, preview) is called after every step; should_cancel() before every
-        step, and True stops with GenerationCanceled.
+        progress(step, total, preview) is called after every step (step counts over all images);
+        preview() decodes the current x0 estimate of the conditional branch to an image.
+        should_cancel() is asked before every step; True stops with GenerationCanceled.
         """
         self.validate(req)
         started = time.perf_counter()
@@ -212,11 +215,13 @@ class Engine:
             tick = [time.perf_counter()]
 
             def on_step(i: int, n: int, preview: Callable[[], Tensor], k: int = k) -> None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # honest step times (kernels run asynchronously)
                 now = time.perf_counter()
                 result.step_seconds.append(now - tick[0])
                 tick[0] = now
                 if progress is not None:
-                    progress(k * n + i, req.num_images * n, preview)
+                    progress(k * n + i, req.num_images * n, lambda: self.to_image(preview(), width, height))
 
             z = denoise(denoiser, z, schedule, sampler, guidance, on_step, should_cancel)
             result.images.append(self.to_image(z, width, height))

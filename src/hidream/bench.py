@@ -1,0 +1,157 @@
+"""`hidream bench`: seconds per step and per image, peak memory, and the engine's step against a plain one.
+
+The engine's step reuses the text keys/values and batches both guidance branches in one forward.
+The plain step recomputes the whole sequence, one guidance branch after the other, as a
+straightforward port would. Both run the same request and seed, and the images are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hidream.sizes import parse_size
+
+PROMPT = ("medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
+          "with a calm and composed expression. She wears a cream-colored satin robe with delicate floral "
+          "embroidery. To her left, a wooden nightstand holds three lit white candles.")
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # resets the process's peak RSS (VmHWM) on Linux
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir: Path):
+    """An Engine over random weights of a named configuration (no checkpoint on disk)."""
+    from transformers import Qwen3VLConfig
+
+    from hidream.engine.checkpoint import _materialize_buffers
+    from hidream.engine.config import spec_from_config
+    from hidream.engine.demo import demo_config, full_config
+    from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
+    from hidream.engine.model import HiDreamO1
+    from hidream.engine.pipeline import Engine, _load_processors
+    from hidream.engine.sequence import PromptEncoder
+
+    ids = write_demo_tokenizer(workdir)
+    write_demo_processor_config(workdir, patch_size=16, merge_size=2, temporal_patch_size=2)
+    raw = full_config(ids) if config == "full" else demo_config(ids, -(-(max(ids.values()) + 1) // 64) * 64)
+    spec = spec_from_config(Qwen3VLConfig.from_dict(raw))
+    with torch.device("meta"):
+        model = HiDreamO1(spec)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    _materialize_buffers(model, device)
+    tokenizer, processor = _load_processors(workdir)
+    encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
+    return Engine(model.eval().requires_grad_(False), encoder, "full", workdir)
+
+
+def _references(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (480 + 32 * i, 640, 3), dtype=np.uint8)) for i in range(count)]
+
+
+def _run(engine, request, mode: str, batch: bool) -> dict:
+    _peak_reset(engine.device)
+    result = engine.generate(request, mode=mode, batch_guidance=batch)
+    steps = result.step_seconds
+    # The first step includes warm-up work of the kernels; the median is the steady state.
+    return {
+        "image": result.images[0],
+        "seconds_per_image": result.seconds,
+        "seconds_per_step": float(np.median(steps)),
+        "peak_memory_gib": _peak_bytes(engine.device) / 2**30,
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from hidream.cli import _dtype, resolve_model
+    from hidream.engine.pipeline import Engine, GenerationRequest, default_device, default_dtype
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = _dtype(args.dtype) or default_dtype(device)
+    width, height = parse_size(args.size, "--size")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.config:
+            engine = random_engine(args.config, device, dtype, Path(tmp))
+            source = f"random weights, {args.config} configuration"
+        else:
+            checkpoint, _ = resolve_model(args.model)
+            engine = Engine.load(checkpoint, device=device, dtype=dtype, variant=args.variant)
+            source = str(checkpoint)
+        refs = _references(args.refs)
+
+        def request(steps: int) -> GenerationRequest:
+            return GenerationRequest(PROMPT, width=width, height=height, references=refs,
+                                     steps=steps, guidance=args.guidance, seed=42)
+
+        engine.generate(request(1))  # warm-up: kernels, allocator, caches
+        engine.generate(request(1), mode="full", batch_guidance=False)
+        fast = _run(engine, request(args.steps), "cached", True)
+        plain_steps = args.plain_steps or args.steps
+        plain = _run(engine, request(plain_steps), "full", False)
+
+    report = {
+        "source": source,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "size": f"{width}x{height}",
+        "references": args.refs,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "engine": {k: v for k, v in fast.items() if k != "image"},
+        "plain": {k: v for k, v in plain.items() if k != "image"} | {"steps": plain_steps},
+        "speedup_per_step": plain["seconds_per_step"] / fast["seconds_per_step"],
+    }
+    if plain_steps == args.steps:
+        a = np.asarray(fast["image"], dtype=np.int16)
+        b = np.asarray(plain["image"], dtype=np.int16)
+        report["images_max_abs_diff"] = int(np.abs(a - b).max())
+        report["images_mean_abs_diff"] = float(np.abs(a - b).mean())
+    print(f"{source} on {report['device']} ({report['dtype']}), {report['size']}, {args.steps} steps, "
+          f"guidance {args.guidance:g}, {args.refs} reference(s)")
+    print("| path | s/step | s/image | peak memory GiB |")
+    print("|---|---|---|---|")
+    for name, r in (("engine (cached text, batched guidance)", fast), ("plain (full recompute, 2 forwards)", plain)):
+        print(f"| {name} | {r['seconds_per_step']:.4f} | {r['seconds_per_image']:.2f} | {r['peak_memory_gib']:.2f} |")
+    print(f"speed-up per step: {report['speedup_per_step']:.2f}x")
+    if "images_max_abs_diff" in report:
+        print(f"same image: max |diff| {report['images_max_abs_diff']} of 255, "
+              f"mean {report['images_mean_abs_diff']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
