@@ -198,7 +198,8 @@ class Engine:
         started = time.perf_counter()
         sources = [img.load_image(r, f"references[{i}]") for i, r in enumerate(req.references)]
         recipe = self.recipe(len(sources))
-        width, height, refs, refs_vit = img.prepare_references(sources, req.width, req.height, req.keep_original_aspect)
+        width, height, refs, refs_vit = img.prepare_references(
+            sources, req.width, req.height, req.keep_original_aspect, field="references")
         steps = req.steps or recipe.steps
         guidance = recipe.guidance if req.guidance is None else req.guidance
         shift = recipe.shift if req.shift is None else req.shift
