@@ -7,20 +7,17 @@ image side (``preprocessor_config.json``, ``video_preprocessor_config.json``).
 
 The tokenizer is a small byte-level BPE with exactly the pipeline of Qwen2's (NFC normalizer, Qwen's split
 regex, ByteLevel pre-tokenizer/decoder), so ``transformers``' ``Qwen2Tokenizer`` rebuilds the same tokenizer from
-it. Its merges are learned here from a short built-in English text by a deterministic greedy BPE (ties broken by
-the pair's strings), so two runs write byte-identical files on any machine.
+it. Its merges are learned here from a short built-in English text by the `tokenizers` BPE trainer, which is
+deterministic, so two runs write byte-identical files.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-import unicodedata
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
 __all__ = [
@@ -56,7 +53,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 262144  # Qwen3-VL's
-NUM_MERGES = 480
+NUM_MERGES = 480  # at most; learning stops when no pair occurs twice
 
 # Qwen2's pre-tokenization regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
 _PRETOKENIZE_REGEX = (
@@ -100,23 +97,6 @@ Outside the window it is snowing, and the trees are covered in white snow.
 """
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte-to-printable-character map, used by the ByteLevel pre-tokenizer."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes)}
-
-
 def _pipeline(tokenizer: Tokenizer) -> Tokenizer:
     """Give `tokenizer` the exact normalizer/pre-tokenizer/decoder/post-processor that Qwen2's has."""
     tokenizer.normalizer = normalizers.NFC()
@@ -131,65 +111,15 @@ def _pipeline(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _learn_merges(num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn byte-level BPE merges from the built-in corpus; deterministic by construction."""
-    byte_map = _bytes_to_unicode()
-    vocab: dict[str, int] = {char: index for index, char in enumerate(byte_map.values())}
-
-    splitter = _pipeline(Tokenizer(BPE()))
-    text = unicodedata.normalize("NFC", _CORPUS)
-    word_counts = Counter(piece for piece, _ in splitter.pre_tokenizer.pre_tokenize_str(text))
-    words = [list(word) for word in sorted(word_counts)]
-    freqs = [word_counts[word] for word in sorted(word_counts)]
-
-    pair_counts: Counter[tuple[str, str]] = Counter()
-    where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
-    for index, symbols in enumerate(words):
-        for pair in zip(symbols, symbols[1:]):
-            pair_counts[pair] += freqs[index]
-            where[pair].add(index)
-
-    # Max-heap on count, ties broken by the smallest pair; stale entries are skipped on pop.
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    merges: list[tuple[str, str]] = []
-    while heap and len(merges) < num_merges:
-        negative, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -negative:
-            continue
-        if -negative < 2:
-            break
-        merges.append(pair)
-        merged = pair[0] + pair[1]
-        vocab.setdefault(merged, len(vocab))
-        changed: set[tuple[str, str]] = set()
-        for index in sorted(where.pop(pair, ())):
-            symbols, freq = words[index], freqs[index]
-            for old in zip(symbols, symbols[1:]):
-                pair_counts[old] -= freq
-                changed.add(old)
-            out: list[str] = []
-            position = 0
-            while position < len(symbols):
-                if position + 1 < len(symbols) and (symbols[position], symbols[position + 1]) == pair:
-                    out.append(merged)
-                    position += 2
-                else:
-                    out.append(symbols[position])
-                    position += 1
-            words[index] = out
-            for new in zip(out, out[1:]):
-                pair_counts[new] += freq
-                where[new].add(index)
-                changed.add(new)
-        for changed_pair in sorted(changed):
-            count = pair_counts.get(changed_pair, 0)
-            if count <= 0:
-                pair_counts.pop(changed_pair, None)
-            elif changed_pair != pair:
-                heapq.heappush(heap, (-count, changed_pair))
-        pair_counts.pop(pair, None)
-    return vocab, merges
+def _train_bpe() -> Tokenizer:
+    """A byte-level BPE learned from the built-in corpus (the `tokenizers` trainer is deterministic)."""
+    tokenizer = _pipeline(Tokenizer(BPE(fuse_unk=False, byte_fallback=False)))
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + NUM_MERGES, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tokenizer.train_from_iterator([_CORPUS], trainer=trainer)
+    return tokenizer
 
 
 def _chat_template() -> str:
@@ -238,8 +168,9 @@ def write_demo_tokenizer(directory: Path) -> dict[str, int]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    vocab, merges = _learn_merges(NUM_MERGES)
-    tokenizer = _pipeline(Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=False)))
+    tokenizer = _train_bpe()
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab, merges = model["vocab"], [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     tokenizer.add_special_tokens(
         [AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False) for token in SPECIAL_TOKENS]
     )

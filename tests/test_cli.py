@@ -1,0 +1,229 @@
+"""Tests for the `hidream` command: generate and demo-model, in-process and through a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hidream.cli import main
+
+FAST = ["--size", "64x64", "--steps", "2", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test may touch the user's ~/.cache/hidream or follow $HIDREAM_MODEL."""
+    home = tmp_path / "hidream-home"
+    monkeypatch.setenv("HIDREAM_HOME", str(home))
+    monkeypatch.delenv("HIDREAM_MODEL", raising=False)
+    return home
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def generate(capsys, model: Path, output: Path, *extra: str | Path, prompt: str = "a red fox in the snow") -> str:
+    code, out, err = run_cli(capsys, "generate", prompt, "--model", model, "-o", output, *extra)
+    assert code == 0, err
+    assert "Traceback" not in err
+    return out
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def write_png(path: Path, size: tuple[int, int], color=(200, 30, 30)) -> Path:
+    arr = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    arr[...] = color
+    arr[:, : size[0] // 3, 1] = 180  # some structure, so it is not a flat image
+    Image.fromarray(arr).save(path, format="PNG")
+    return path
+
+
+def subprocess_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HIDREAM_MODEL"}
+    env["HIDREAM_HOME"] = str(home)
+    return env
+
+
+# --- demo-model -------------------------------------------------------------------------------------
+
+
+def test_demo_model_writes_a_checkpoint(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "demo"
+    code, out, err = run_cli(capsys, "demo-model", target)
+    assert code == 0, err
+    assert (target / "config.json").is_file()
+    assert (target / "model.safetensors").is_file()
+    assert (target / "preprocessor_config.json").is_file()
+    assert str(target) in out
+
+
+def test_demo_model_shards(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "demo"
+    code, _, err = run_cli(capsys, "demo-model", target, "--shards", "3")
+    assert code == 0, err
+    assert (target / "model.safetensors.index.json").is_file()
+    assert len(list(target.glob("model-0000?-of-00003.safetensors"))) == 3
+
+
+# --- generate ---------------------------------------------------------------------------------------
+
+
+def test_generate_writes_a_png(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    output = tmp_path / "out.png"
+    out = generate(capsys, demo_checkpoint, output, *FAST)
+    with Image.open(output) as im:
+        assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
+    assert str(output) in out and "64x64" in out and "seed 0" in out and "2 steps" in out
+
+
+def test_generate_without_model_uses_the_demo_checkpoint(tmp_path: Path, isolated_home: Path, capsys) -> None:
+    output = tmp_path / "out.png"
+    code, _, err = run_cli(capsys, "generate", "a cat", "-o", output, "--size", "64x64", "--steps", "1", "-q")
+    assert code == 0, err
+    assert "note:" in err and "demo checkpoint" in err
+    assert (isolated_home / "demo-model" / "config.json").is_file()
+    with Image.open(output) as im:
+        assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize(("args", "name", "fmt"), [
+    (["--format", "webp", "-o", "out"], "out.webp", "WEBP"),
+    (["-o", "x.jpg"], "x.jpg", "JPEG"),
+    (["-o", "x.jpeg"], "x.jpeg", "JPEG"),
+    (["--format", "jpeg", "-o", "pic"], "pic.jpeg", "JPEG"),
+    (["-o", "y.webp"], "y.webp", "WEBP"),
+])
+def test_output_formats(tmp_path: Path, demo_checkpoint: Path, capsys, args: list[str], name: str,
+                        fmt: str) -> None:
+    args = [str(tmp_path / a) if i and args[i - 1] == "-o" else a for i, a in enumerate(args)]
+    code, _, err = run_cli(capsys, "generate", "a lighthouse", "--model", demo_checkpoint, *FAST, *args)
+    assert code == 0, err
+    with Image.open(tmp_path / name) as im:
+        assert im.format == fmt and im.size == (64, 64)
+
+
+def test_num_images_writes_numbered_files_with_different_pixels(tmp_path: Path, demo_checkpoint: Path,
+                                                                 capsys) -> None:
+    out = generate(capsys, demo_checkpoint, tmp_path / "out.png", *FAST, "--num-images", "2", "--seed", "5")
+    first, second = tmp_path / "out_0.png", tmp_path / "out_1.png"
+    assert first.is_file() and second.is_file()
+    assert not (tmp_path / "out.png").exists()
+    assert pixels(first) != pixels(second)
+    assert "seed 5" in out and "seed 6" in out
+    # Image i uses seed + i: the second image is the first image of seed 6.
+    generate(capsys, demo_checkpoint, tmp_path / "six.png", *FAST, "--seed", "6")
+    assert pixels(tmp_path / "six.png") == pixels(second)
+
+
+def test_same_seed_same_pixels(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    for name in ("a.png", "b.png"):
+        generate(capsys, demo_checkpoint, tmp_path / name, *FAST, "--seed", "7")
+    assert pixels(tmp_path / "a.png") == pixels(tmp_path / "b.png")
+    generate(capsys, demo_checkpoint, tmp_path / "c.png", *FAST, "--seed", "8")
+    assert pixels(tmp_path / "c.png") != pixels(tmp_path / "a.png")
+
+
+def test_edit_keeps_the_reference_aspect(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    ref = write_png(tmp_path / "ref.png", (300, 100))
+    output = tmp_path / "edit.png"
+    out = generate(capsys, demo_checkpoint, output, "--ref", ref, "--keep-original-aspect",
+                   "--steps", "1", "-q", prompt="make it blue")
+    with Image.open(output) as im:
+        width, height = im.size
+    # By hand: scale = sqrt(2048^2 / (300*100)) -> 3547.2 x 1182.4, each floored to a multiple of 32.
+    assert (width, height) == (3520, 1152)
+    assert width % 32 == 0 and height % 32 == 0 and width * height <= 2048 * 2048
+    assert abs(width / height - 3.0) < 0.1
+    assert f"{width}x{height}" in out
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def error_cases(tmp: Path, model: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (arguments after `generate`, fragments the error message must contain)."""
+    text = tmp / "notes.txt"
+    text.write_text("not an image\n", encoding="utf-8")
+    refs = [str(write_png(tmp / f"ref{i}.png", (64, 64))) for i in range(11)]
+    missing_model, missing_ref = tmp / "no-such-model", tmp / "no-such.png"
+    m = ["--model", str(model)]
+    return {
+        "missing-model": (["a cat", "--model", str(missing_model), *FAST], [str(missing_model)]),
+        "size-100": (["a cat", *m, "--size", "100x100"], ["width", "100", "multiple of 32"]),
+        "size-banana": (["a cat", *m, "--size", "banana"], ["--size", "banana"]),
+        "steps-0": (["a cat", *m, *FAST, "--steps", "0"], ["steps", "0"]),
+        "steps-101": (["a cat", *m, *FAST, "--steps", "101"], ["steps", "101"]),
+        "guidance-21": (["a cat", *m, *FAST, "--guidance", "21"], ["guidance", "21"]),
+        "ref-missing": (["a cat", *m, *FAST, "--ref", str(missing_ref)], ["--ref", str(missing_ref)]),
+        "ref-text": (["a cat", *m, *FAST, "--ref", str(text)], ["--ref", str(text), "not an image"]),
+        "eleven-refs": (["a cat", *m, *FAST, "--ref", *refs], ["references", "10", "11"]),
+        "empty-prompt": (["", *m, *FAST], ["prompt"]),
+        "blank-prompt": (["   ", *m, *FAST], ["prompt"]),
+    }
+
+
+CASES = ["missing-model", "size-100", "size-banana", "steps-0", "steps-101", "guidance-21", "ref-missing",
+         "ref-text", "eleven-refs", "empty-prompt", "blank-prompt"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_errors_exit_2_naming_the_input(tmp_path: Path, demo_checkpoint: Path, capsys, case: str) -> None:
+    args, fragments = error_cases(tmp_path, demo_checkpoint)[case]
+    output = tmp_path / "out.png"
+    code, out, err = run_cli(capsys, "generate", *args, "-o", output)
+    assert code == 2, (out, err)
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not output.exists()
+    assert not list(tmp_path.glob("out*"))
+
+
+# --- a real subprocess ----------------------------------------------------------------------------------
+
+
+def run_module(home: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hidream.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=180, env=subprocess_env(home))
+
+
+def test_subprocess_demo_model_and_generate(tmp_path: Path, isolated_home: Path, demo_checkpoint: Path,
+                                            capsys) -> None:
+    model = tmp_path / "demo"
+    done = run_module(isolated_home, "demo-model", model)
+    assert done.returncode == 0, done.stderr
+    assert (model / "config.json").is_file()
+
+    output = tmp_path / "out.png"
+    done = run_module(isolated_home, "generate", "a red fox", "--model", model, "-o", output, *FAST,
+                      "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    with Image.open(output) as im:
+        assert im.format == "PNG" and im.size == (64, 64)
+    # The same demo checkpoint (seed 0) and seed in-process give the same pixels.
+    generate(capsys, demo_checkpoint, tmp_path / "inproc.png", *FAST, "--seed", "3", prompt="a red fox")
+    assert pixels(output) == pixels(tmp_path / "inproc.png")
+
+
+def test_subprocess_error_exits_2_without_traceback(tmp_path: Path, isolated_home: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    done = run_module(isolated_home, "generate", "a cat", "--model", missing, *FAST, "-o", tmp_path / "o.png")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and str(missing) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o.png").exists()
