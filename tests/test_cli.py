@@ -105,6 +105,7 @@ def test_generate_without_model_uses_the_demo_checkpoint(tmp_path: Path, isolate
     (["-o", "x.jpeg"], "x.jpeg", "JPEG"),
     (["--format", "jpeg", "-o", "pic"], "pic.jpeg", "JPEG"),
     (["-o", "y.webp"], "y.webp", "WEBP"),
+    (["--format", "webp", "-o", "z.png"], "z.webp", "WEBP"),  # the extension follows --format
 ])
 def test_output_formats(tmp_path: Path, demo_checkpoint: Path, capsys, args: list[str], name: str,
                         fmt: str) -> None:
@@ -140,9 +141,10 @@ def test_edit_keeps_the_reference_aspect(tmp_path: Path, demo_checkpoint: Path, 
     ref = write_png(tmp_path / "ref.png", (300, 100))
     output = tmp_path / "edit.png"
     out = generate(capsys, demo_checkpoint, output, "--ref", ref, "--keep-original-aspect",
-                   "--steps", "1", "-q", prompt="make it blue")
+                   "--steps", "1", "--guidance", "0", "-q", prompt="make it blue")
     with Image.open(output) as im:
         width, height = im.size
+    # (--steps 1 --guidance 0: one forward pass over a ~3500x1150 target and reference, to stay fast.)
     # By hand: scale = sqrt(2048^2 / (300*100)) -> 3547.2 x 1182.4, each floored to a multiple of 32.
     assert (width, height) == (3520, 1152)
     assert width % 32 == 0 and height % 32 == 0 and width * height <= 2048 * 2048
@@ -172,25 +174,29 @@ def error_cases(tmp: Path, model: Path) -> dict[str, tuple[list[str], list[str]]
         "eleven-refs": (["a cat", *m, *FAST, "--ref", *refs], ["references", "10", "11"]),
         "empty-prompt": (["", *m, *FAST], ["prompt"]),
         "blank-prompt": (["   ", *m, *FAST], ["prompt"]),
+        "output-is-a-directory": (["a cat", *m, *FAST, "-o", str(tmp / "out.png")], ["-o", "is a directory"]),
     }
 
 
 CASES = ["missing-model", "size-100", "size-banana", "steps-0", "steps-101", "guidance-21", "ref-missing",
-         "ref-text", "eleven-refs", "empty-prompt", "blank-prompt"]
+         "ref-text", "eleven-refs", "empty-prompt", "blank-prompt", "output-is-a-directory"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_errors_exit_2_naming_the_input(tmp_path: Path, demo_checkpoint: Path, capsys, case: str) -> None:
     args, fragments = error_cases(tmp_path, demo_checkpoint)[case]
     output = tmp_path / "out.png"
-    code, out, err = run_cli(capsys, "generate", *args, "-o", output)
+    if case == "output-is-a-directory":
+        output.mkdir()
+    else:
+        args = [*args, "-o", str(output)]
+    code, out, err = run_cli(capsys, "generate", *args)
     assert code == 2, (out, err)
     assert err.startswith("error: "), err
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
-    assert not output.exists()
-    assert not list(tmp_path.glob("out*"))
+    assert output.is_dir() if case == "output-is-a-directory" else not list(tmp_path.glob("out*"))
 
 
 # --- a real subprocess ----------------------------------------------------------------------------------

@@ -100,9 +100,9 @@ def _run(engine, request, mode: str, batch: bool) -> dict:
 
 def run_bench(args: argparse.Namespace) -> int:
     from hidream.cli import _dtype, resolve_model
-    from hidream.engine.pipeline import Engine, GenerationRequest, default_device, default_dtype
+    from hidream.engine.pipeline import Engine, GenerationRequest, default_dtype, resolve_device
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     dtype = _dtype(args.dtype) or default_dtype(device)
     width, height = parse_size(args.size, "--size")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from hidream.engine.errors import HiDreamError
+from hidream.engine.errors import HiDreamError, InvalidRequestError
 from hidream.sizes import SIZE_PRESETS, parse_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -52,11 +52,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def output_paths(out: Path, count: int, fmt: str) -> list[Path]:
-    if out.suffix.lower().lstrip(".") not in FORMATS:
-        out = out.with_suffix("." + fmt)
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+    """Where the images go: the extension follows the format (`-o a.png --format webp` -> a.webp)."""
+    if FORMATS.get(out.suffix.lower().lstrip(".")) != FORMATS[fmt]:
+        out = out.with_name(out.name + "." + fmt) if out.suffix.lower().lstrip(".") not in FORMATS \
+            else out.with_suffix("." + fmt)
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+    for path in paths:  # fail now, not after the generation
+        if path.is_dir():
+            raise InvalidRequestError("-o", f"{path} is a directory")
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise InvalidRequestError("-o", f"cannot write under {parent}")
+    return paths
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -68,6 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     checkpoint, is_demo = resolve_model(args.model)
     width, height = parse_size(args.size or (DEMO_SIZE if is_demo else "square_hd"), "--size")
     fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "PNG").lower()
+    paths = output_paths(Path(args.output), args.num_images, fmt)
     if is_demo:
         print(f"note: no --model given, using the demo checkpoint at {checkpoint} (random weights: the image "
               "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
@@ -85,10 +95,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.update(step - bar.n)
 
         result = engine.generate(request, progress=progress)
-    paths = output_paths(Path(args.output), len(result.images), fmt)
     for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
+        except OSError as err:
+            raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
         print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {result.seconds:.1f} s)")
     return 0
 

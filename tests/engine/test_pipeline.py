@@ -216,3 +216,12 @@ def test_bad_requests_name_the_field(engine, change, field):
         engine.generate(GenerationRequest(**fields))
     assert err.value.field == field
     assert str(err.value).startswith(field + ": ")
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:99"])
+def test_unusable_device_is_a_clear_error(demo_checkpoint, device):
+    if device == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("this machine really has a device 99")
+    with pytest.raises(InvalidRequestError) as err:
+        Engine.load(demo_checkpoint, device=device)
+    assert err.value.field == "device"

@@ -75,6 +75,21 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, checked to exist here; CUDA when present if none was asked for."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidRequestError("device", f"not a torch device name such as cuda, cuda:1 or cpu ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device", f"{device} requested but this torch build sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidRequestError("device", f"{device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -114,7 +129,7 @@ class Engine:
         path = Path(checkpoint).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint directory")
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         spec = load_spec(path)
         tokenizer, processor = _load_processors(path)
