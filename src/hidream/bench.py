@@ -66,7 +66,7 @@ def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir
     spec = spec_from_config(Qwen3VLConfig.from_dict(raw))
     with torch.device("meta"):
         model = HiDreamO1(spec)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta first: no fp32 copy on the device
     gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
