@@ -50,6 +50,17 @@ def test_initial_noise_is_drawn_on_the_cpu_from_seed_plus_one(engine):
     torch.testing.assert_close(z[0, 0, :1024].reshape(32, 32), expected[0, 0, :, :32], rtol=0, atol=0)
 
 
+def test_initial_noise_is_rounded_to_the_model_dtype_before_scaling(demo_checkpoint):
+    bf16 = Engine.load(demo_checkpoint, device="cpu", dtype=torch.bfloat16)
+    z = bf16.initial_noise(0, 64, 64, 7.5)
+    draw = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+    official = (7.5 * draw.to(torch.bfloat16))[0, 0, :32, :32].reshape(-1)
+    other_order = (7.5 * draw).to(torch.bfloat16)[0, 0, :32, :32].reshape(-1)
+    assert z.dtype == torch.bfloat16
+    assert torch.equal(z[0, 0, :1024], official)
+    assert not torch.equal(official, other_order)  # the order matters at 7.5, so this test can fail
+
+
 def test_velocity_and_guidance():
     z = torch.tensor([[[1.0, -2.0]]])
     x0 = torch.tensor([[[0.5, 0.0]], [[0.0, 1.0]]])  # conditional, unconditional
