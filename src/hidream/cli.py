@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hidream.engine.errors import HiDreamError, InvalidRequestError
+from hidream.service.errors import ServiceError
 from hidream.sizes import SIZE_PRESETS, parse_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -119,6 +120,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+SERVICE_FLAGS = {
+    # flag: (settings field, type, help)
+    "--model": ("model", str, "checkpoint directory (HIDREAM_MODEL; default: the demo checkpoint)"),
+    "--variant": ("variant", str, "full | dev (HIDREAM_VARIANT)"),
+    "--device": ("device", str, "cuda, cuda:N or cpu (HIDREAM_DEVICE)"),
+    "--dtype": ("dtype", str, "bf16 | fp16 | fp32 (HIDREAM_DTYPE)"),
+    "--model-ids": ("model_ids", lambda v: tuple(x for x in v.split(",") if x), "served ids, comma-separated "
+                    "(HIDREAM_MODEL_IDS)"),
+    "--host": ("host", str, "bind address (HIDREAM_HOST, default 127.0.0.1)"),
+    "--port": ("port", int, "port (HIDREAM_PORT, default 8000)"),
+    "--public-url": ("public_url", str, "base URL clients reach (HIDREAM_PUBLIC_URL)"),
+    "--database-url": ("database_url", str, "SQLAlchemy URL (HIDREAM_DATABASE_URL, default SQLite in HIDREAM_HOME)"),
+    "--storage-dir": ("storage_dir", Path, "files directory (HIDREAM_STORAGE_DIR)"),
+    "--price-usd": ("price_usd", float, "price per image (HIDREAM_PRICE_USD, default 0.044)"),
+    "--max-queue": ("max_queue", int, "tasks waiting or running before 429 (HIDREAM_MAX_QUEUE)"),
+}
+
+
+def add_service_args(p: argparse.ArgumentParser, worker_flag: bool) -> None:
+    for flag, (dest, kind, help_text) in SERVICE_FLAGS.items():
+        p.add_argument(flag, dest=f"svc_{dest}", metavar=dest.upper(), type=kind, help=help_text)
+    if worker_flag:
+        p.add_argument("--no-worker", action="store_true", help="API only: no in-process worker")
+
+
+def service_settings(args: argparse.Namespace):
+    from hidream.service.settings import load_settings
+
+    overrides = {dest: getattr(args, f"svc_{dest}", None) for dest, _, _ in SERVICE_FLAGS.values()}
+    if getattr(args, "no_worker", False):
+        overrides["worker"] = False
+    return load_settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hidream.service.runtime import serve
+
+    return serve(service_settings(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from hidream.service.runtime import run_worker
+
+    return run_worker(service_settings(args))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from hidream.service.runtime import keys_command
+
+    return keys_command(service_settings(args), args.action, args.name, args.key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidream", description="HiDream-O1-Image engine and service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="output.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="run the API with an in-process worker (HIDREAM_* settings)")
+    add_service_args(s, worker_flag=True)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a worker alone, sharing the API's database and storage")
+    add_service_args(w, worker_flag=False)
+    w.set_defaults(func=cmd_worker)
+
+    k = sub.add_parser("keys", help="create, list or revoke API keys")
+    k.add_argument("action", choices=["create", "list", "revoke"])
+    k.add_argument("key", nargs="?", help="with revoke: the key's id or prefix")
+    k.add_argument("--name", help="with create: a label for the key")
+    add_service_args(k, worker_flag=False)
+    k.set_defaults(func=cmd_keys)
 
     d = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
     d.add_argument("directory")
@@ -169,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HiDreamError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ServiceError as err:
+        print(f"error: {err.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
+from hidream.sizes import fit_size
 
 PATCH_SIZE = 32
 CONDITION_IMAGE_SIZE = 384
@@ -70,27 +71,11 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, field: str) -> I
 
 def fit_to_area(img: Image.Image, side: int, multiple: int = PATCH_SIZE) -> Image.Image:
     """Resize and centre-crop to the largest `multiple`-aligned size with area <= side**2."""
-    if side <= 0:
-        raise ValueError(f"side must be positive, got {side}")
+    new_w, new_h = fit_size(img.width, img.height, side, multiple)
     # Cheap BOX halving first, so the BICUBIC step never downsamples by more than ~2x.
     while min(img.size) >= 2 * side:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
-
     width, height = img.size
-    area = side * side
-    scale = math.sqrt(area / (width * height))
-    sw, sh = width * scale, height * scale
-    candidates = [
-        (round(sw) // multiple * multiple, round(sh) // multiple * multiple),
-        (round(sw) // multiple * multiple, math.floor(sh) // multiple * multiple),
-        (math.floor(sw) // multiple * multiple, round(sh) // multiple * multiple),
-        (math.floor(sw) // multiple * multiple, math.floor(sh) // multiple * multiple),
-    ]
-    candidates.sort(key=lambda s: s[0] * s[1], reverse=True)
-    new_w, new_h = next((s for s in candidates if s[0] * s[1] <= area), candidates[-1])
-    if new_w == 0 or new_h == 0:
-        raise ValueError(f"a {width}x{height} image cannot fit {multiple}-pixel multiples at side {side}")
-
     s1, s2 = width / new_w, height / new_h
     if s1 < s2:  # relatively taller than the target: match width, crop top and bottom
         tall = round(height / s1)

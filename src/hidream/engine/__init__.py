@@ -1,0 +1,1 @@
+"""The inference engine: torch only, no HTTP or database code."""

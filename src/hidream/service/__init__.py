@@ -1,0 +1,1 @@
+"""The prediction API service: HTTP routes, task store (the queue), storage, worker, keys and billing."""

@@ -1,0 +1,294 @@
+"""The HTTP API: routes, auth, the response envelope; domain errors become status codes here, once."""
+
+import asyncio
+import base64
+import logging
+import secrets
+import threading
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hidream.service import schemas
+from hidream.service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, TooManyRequests, Unauthorized
+from hidream.service.fetch import FetchPolicy, check_image, decode_data_uri, fetch_image
+from hidream.service.settings import Settings
+from hidream.service.storage import Storage, UrlSigner
+from hidream.service.store import Store
+from hidream.service.worker import Worker
+from hidream.sizes import fit_size
+
+log = logging.getLogger("hidream.api")
+EXTENSIONS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+KEEP_ASPECT_SIDE = 2048
+
+
+def iso(ts: datetime | None) -> str | None:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if ts else None
+
+
+def envelope(data: Any, status: int = 200, message: str = "success", **extra: Any) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message, "data": data, **extra}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over the cap, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = JSONResponse({"code": 413, "message": f"body: larger than {self.max_bytes:,} bytes",
+                                "data": None}, status_code=413)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"body: larger than {self.max_bytes:,} bytes")
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except PayloadTooLarge:
+            await too_big(scope, receive, send)
+
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations at definition time.
+def create_app(settings: Settings, store: Store, storage: Storage, worker: Worker | None = None) -> FastAPI:
+    """The API over a store and a storage; with `worker`, it runs in a thread for the app's lifetime."""
+    signer = UrlSigner(settings.signing_secret(), settings.base_url, settings.url_ttl_s)
+    policy = FetchPolicy(timeout_s=settings.fetch_timeout_s, max_bytes=settings.max_upload_bytes,
+                         max_pixels=settings.max_upload_pixels, allow_networks=settings.fetch_allow)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = None
+        if worker is not None:
+            thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+            thread.start()
+        yield
+        if worker is not None and thread is not None:
+            worker.stop()  # the running task stops at its next step and goes back to the queue
+            await run_in_threadpool(thread.join)
+
+    app = FastAPI(title="HiDream O1 image API", version="1.5", lifespan=lifespan,
+                  description="The HiDream O1 1.5 image API, self-hosted on the open HiDream-O1-Image weights.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.settings, app.state.store, app.state.storage, app.state.worker = settings, store, storage, worker
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req: Request, err: ServiceError):
+        headers = {"Retry-After": str(err.retry_after)} if isinstance(err, TooManyRequests) else None
+        resp = envelope(None, err.status, err.message)
+        if headers:
+            resp.headers.update(headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, err: RequestValidationError):
+        return envelope(None, 400, schemas.validation_message(list(err.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, err: StarletteHTTPException):
+        return envelope(None, err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, err: Exception):
+        rid = secrets.token_hex(6)
+        log.exception("request %s failed", rid)
+        return envelope(None, 500, f"internal error (request id {rid})")
+
+    def api_key(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        key_id = store.key_for_token(token.strip())
+        if key_id is None:
+            raise Unauthorized("invalid or revoked API key")
+        return key_id
+
+    Key = Annotated[str, Depends(api_key)]
+
+    def render(row: dict[str, Any]) -> dict[str, Any]:
+        inp = row["input"]
+        if row["status"] == "completed" and inp.get("enable_base64_output"):
+            mime = MIME[inp["output_format"]]
+            outputs = [f"data:{mime};base64,{base64.b64encode(storage.get(k)).decode()}" for k in row["outputs"]]
+        else:
+            outputs = [signer.url(k) for k in row["outputs"]]
+        progress = None
+        if row["status"] == "processing" and row["progress_total"]:
+            progress = {"step": row["progress_step"] or 0, "total": row["progress_total"]}
+        return {
+            "id": row["id"], "model": row["model"], "status": row["status"], "input": inp, "outputs": outputs,
+            "urls": {"get": f"{settings.base_url}/api/v1/model/prediction/{row['id']}"},
+            "has_nsfw_contents": [False] * len(outputs), "error": row["error"] or "",
+            "created_at": iso(row["created_at"]), "started_at": iso(row["started_at"]),
+            "completed_at": iso(row["completed_at"]), "timings": {"inference": row["inference_ms"]},
+            "progress": progress,
+        }
+
+    async def reference_bytes(url: str, field: str, key_id: str) -> bytes:
+        if url.startswith("data:"):
+            data = decode_data_uri(url, policy, field)
+        elif (blob := signer.key_of(url)) is not None:
+            if not blob.startswith("uploads/") or await run_in_threadpool(store.upload_owner, blob) != key_id:
+                raise BadRequest(f"{field}: {url[:200]} is not a file this API key uploaded")
+            data = await run_in_threadpool(storage.get, blob)
+        elif url.startswith(("http://", "https://")):
+            data = await fetch_image(url, policy, field)
+        else:
+            raise BadRequest(f"{field}: must be an http(s) URL, a data: URI or a URL from uploadMedia "
+                             f"(got {url[:80]!r})")
+        check_image(data, policy, field)
+        return data
+
+    @app.post("/api/v1/model/generateImage", response_model=schemas.PredictionEnvelope,
+              responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
+                         413: {"model": schemas.ErrorEnvelope}, 429: {"model": schemas.ErrorEnvelope}})
+    async def generate_image(body: schemas.GenerateImageRequest, key_id: Key):
+        """Submit a generation; poll `urls.get`, or set enable_sync_mode to wait for the result."""
+        model = settings.resolve_model_id(body.model)
+        if model is None:
+            served = ", ".join([*settings.model_ids, *settings.aliases])
+            raise BadRequest(f"model: must be one of {served} (got {body.model!r})")
+        try:
+            width, height = schemas.resolve_size(body.image_size)
+        except ValueError:
+            raise BadRequest(f"image_size: {schemas.RULES['image_size']}") from None
+        refs = await asyncio.gather(*(reference_bytes(u, f"reference_image_urls[{i}]", key_id)
+                                      for i, u in enumerate(body.reference_image_urls)))
+        if body.keep_original_aspect and len(refs) == 1:
+            info = check_image(refs[0], policy, "reference_image_urls[0]")
+            width, height = fit_size(info.width, info.height, KEEP_ASPECT_SIDE)
+        seed = body.seed if body.seed >= 0 else secrets.randbelow(schemas.MAX_SEED + 1)
+        mode = ("text-to-image", "edit")[len(refs)] if len(refs) < 2 else "personalization"
+        task_id = secrets.token_hex(16)
+        ref_keys = []
+        for i, data in enumerate(refs):
+            fmt = EXTENSIONS[check_image(data, policy, f"reference_image_urls[{i}]").format]
+            ref_keys.append(f"references/{task_id}/{i}.{fmt}")
+        shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
+                      for u in body.reference_image_urls]
+        inp = body.model_dump(exclude={"model", "image_size"}) | {
+            "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
+            "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls}
+
+        def persist() -> dict[str, Any]:
+            for key, data in zip(ref_keys, refs, strict=True):
+                storage.put(key, data)
+            try:
+                return store.insert_task(key_id, model, inp, ref_keys, settings.max_queue, task_id=task_id)
+            except BaseException:
+                for key in ref_keys:  # a rejected request leaves nothing behind
+                    storage.delete(key)
+                raise
+
+        row = await run_in_threadpool(persist)
+        if body.enable_sync_mode:
+            row = await wait_for(row["id"], settings.sync_timeout_s)
+        return envelope(render(row))
+
+    async def wait_for(task_id: str, timeout_s: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            row = await run_in_threadpool(store.get_task, task_id)
+            if row["status"] in ("completed", "failed") or loop.time() >= deadline:
+                return row
+            await asyncio.sleep(0.05)
+
+    @app.get("/api/v1/model/prediction/{prediction_id}", response_model=schemas.PredictionEnvelope,
+             responses={401: {"model": schemas.ErrorEnvelope}, 404: {"model": schemas.ErrorEnvelope}})
+    def get_prediction(prediction_id: str, key_id: Key):
+        """A prediction of this key; another key's id is 404, as an unknown one."""
+        row = store.get_task(prediction_id, key_id)
+        if row is None:
+            raise NotFound(f"prediction {prediction_id[:64]!r} not found")
+        return envelope(render(row))
+
+    @app.get("/api/v1/predictions", response_model=schemas.PredictionListEnvelope,
+             responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope}})
+    def list_predictions(key_id: Key, limit: Annotated[int, Query(ge=1, le=100)] = 20, cursor: str | None = None):
+        """This key's predictions, newest first; pass `next_cursor` back as `cursor` for the next page."""
+        before = None
+        if cursor:
+            try:
+                at, _, tid = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+                before = (datetime.fromisoformat(at), tid)
+            except ValueError:
+                raise BadRequest("cursor: not a cursor this API returned") from None
+        rows = store.list_tasks(key_id, limit, before)
+        next_cursor = None
+        if len(rows) == limit:
+            last = rows[-1]
+            next_cursor = base64.urlsafe_b64encode(f"{last['created_at'].isoformat()}|{last['id']}".encode()).decode()
+        return envelope({"items": [render(r) for r in rows], "next_cursor": next_cursor})
+
+    @app.post("/api/v1/model/uploadMedia", response_model=schemas.UploadEnvelope,
+              responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
+                         413: {"model": schemas.ErrorEnvelope}})
+    async def upload_media(key_id: Key, file: Annotated[UploadFile, File()]):
+        """Upload a PNG, JPEG or WebP image (20 MB, 40 megapixels at most) to use as a reference."""
+        data = await file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"file: larger than {settings.max_upload_bytes:,} bytes")
+        info = check_image(data, policy, "file")
+        blob = f"uploads/{secrets.token_hex(16)}.{EXTENSIONS[info.format]}"
+
+        def persist() -> None:
+            storage.put(blob, data)
+            store.add_upload(blob, key_id, info.content_type, len(data))
+
+        await run_in_threadpool(persist)
+        url = signer.url(blob)
+        return envelope({"url": url}, url=url)
+
+    @app.get("/api/v1/models", response_model=schemas.ModelsEnvelope)
+    def models(key_id: Key):
+        """The served model ids, their aliases, parameters and price."""
+        params = schemas.parameter_schema()
+        return envelope([{"id": m, "aliases": [a for a, t in settings.aliases.items() if t == m],
+                          "price_per_image_usd": settings.price_usd, "parameters": params}
+                         for m in settings.model_ids])
+
+    @app.get("/api/v1/usage", response_model=schemas.UsageEnvelope)
+    def get_usage(key_id: Key):
+        """Images charged to this key and the amount, in total and per day (UTC)."""
+        u = store.usage(key_id)
+        return envelope({"images": u["images"], "amount_usd": u["micro_usd"] / 1e6,
+                         "days": [{"date": d["date"], "images": d["images"], "amount_usd": d["micro_usd"] / 1e6}
+                                  for d in u["days"]]})
+
+    @app.get("/files/{key:path}", include_in_schema=True, response_class=Response,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
+    def files(key: str, expires: str = "", signature: str = ""):
+        """A stored image, through the signed, expiring URL the API gave out."""
+        if not signer.verify(key, expires, signature):
+            raise NotFound("file not found or link expired")
+        data = storage.get(key)
+        return Response(data, media_type=MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"),
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return envelope({"worker": worker.state.value if worker else None})
+
+    return app

@@ -1,0 +1,110 @@
+"""Starting the service's processes from settings: `serve` (API + in-process worker) and `worker`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from hidream.service.settings import Settings
+from hidream.service.storage import LocalStorage
+from hidream.service.store import Store
+from hidream.service.worker import Worker
+
+log = logging.getLogger("hidream")
+
+
+def engine_loader(settings: Settings):
+    """A function that loads the configured checkpoint (the demo one when none is configured)."""
+
+    def load():
+        import torch
+
+        from hidream.engine.demo import write_demo_checkpoint
+        from hidream.engine.pipeline import Engine
+
+        path = Path(settings.model) if settings.model else settings.home / "demo-model"
+        if not settings.model and not (path / "config.json").is_file():
+            write_demo_checkpoint(path)
+        dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[settings.dtype]
+        engine = Engine.load(path, device=settings.device, dtype=dtype, variant=settings.variant)
+        log.info("model loaded from %s on %s (%s)", path, engine.device, engine.dtype)
+        return engine
+
+    return load
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def open_store(settings: Settings) -> Store:
+    return Store.open(settings.db_url)
+
+
+def first_key(store: Store) -> str | None:
+    """On a first start with no keys, create one; the caller prints it once."""
+    if store.count_keys() == 0:
+        _, token = store.create_key("first key")
+        return token
+    return None
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from hidream.service.app import create_app
+
+    setup_logging()
+    store = open_store(settings)
+    storage = LocalStorage(settings.files_dir)
+    worker = Worker(settings, store, storage, engine_loader(settings)) if settings.worker else None
+    app = create_app(settings, store, storage, worker)
+    token = first_key(store)
+    print(f"HiDream O1 image API on {settings.base_url}  (models: {', '.join(settings.model_ids)})", flush=True)
+    if not settings.model:
+        print("note: serving the demo checkpoint (random weights: images are noise); set HIDREAM_MODEL or "
+              "--model to the official weights for real images", flush=True)
+    if token:
+        print(f"created the first API key (shown once, keep it): {token}\n"
+              "more keys: hidream keys create --name NAME", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    setup_logging()
+    store = open_store(settings)
+    worker = Worker(settings, store, LocalStorage(settings.files_dir), engine_loader(settings))
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %s: finishing (the running task goes back to the queue)", signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=worker.run, name="worker")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    return 0 if worker.engine is not None else 1
+
+
+def keys_command(settings: Settings, action: str, name: str | None, key: str | None) -> int:
+    store = open_store(settings)
+    if action == "create":
+        record, token = store.create_key(name or "key")
+        print(f"{token}\n(id {record.id}; shown once: it is stored only as a hash)")
+    elif action == "list":
+        for k in store.list_keys():
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+            print(f"{k.id}  {k.prefix}…  {k.name!r}  created {k.created_at:%Y-%m-%d %H:%M}  {state}")
+    elif action == "revoke":
+        if not key or not store.revoke_key(key):
+            print(f"error: key: no active key with id or prefix {key!r}", file=sys.stderr)
+            return 2
+        print(f"revoked {key}")
+    return 0

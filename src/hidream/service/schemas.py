@@ -1,0 +1,235 @@
+"""Request and response shapes of the API, and the validation messages that name field and rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hidream.sizes import SIZE_PRESETS
+
+MAX_PROMPT = 5000
+MAX_REFERENCES = 10
+MAX_SEED = 2**32 - 1
+CUSTOM_MIN, CUSTOM_MAX, CUSTOM_AREA = 256, 3104, 2048 * 2048
+
+RULES = {
+    "model": "is required: one of the ids GET /api/v1/models lists",
+    "prompt": f"must be a string of 1 to {MAX_PROMPT:,} characters, not only whitespace",
+    "image_size": (f"must be one of {', '.join(SIZE_PRESETS)}, or \"W*H\", \"WxH\" or "
+                   f"{{\"width\": W, \"height\": H}} with sides from {CUSTOM_MIN} to {CUSTOM_MAX} "
+                   "and at most 2048x2048 pixels"),
+    "num_inference_steps": "must be an integer from 1 to 100",
+    "guidance_scale": "must be a number from 1.0 to 20.0",
+    "output_format": "must be png, jpeg or webp",
+    "seed": f"must be an integer from 0 to {MAX_SEED}, or -1 for random",
+    "reference_image_urls": f"must be a list of 0 to {MAX_REFERENCES} URLs (http, https, data: or from uploadMedia)",
+    "keep_original_aspect": "must be true or false",
+    "num_images": "must be an integer from 1 to 4",
+    "enable_sync_mode": "must be true or false",
+    "enable_base64_output": "must be true or false",
+}
+
+
+class SizeObject(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    width: int
+    height: int
+
+
+class GenerateImageRequest(BaseModel):
+    """POST /api/v1/model/generateImage."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
+    image_size: str | SizeObject = "landscape_4_3"
+    num_inference_steps: int = Field(50, ge=1, le=100)
+    guidance_scale: float = Field(5.0, ge=1.0, le=20.0)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    reference_image_urls: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
+    keep_original_aspect: bool = False
+    num_images: int = Field(1, ge=1, le=4)
+    enable_sync_mode: bool = False
+    enable_base64_output: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("blank")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("not finite")
+        return v
+
+
+def resolve_size(value: str | SizeObject) -> tuple[int, int]:
+    """(width, height) of a preset or a custom size rounded to multiples of 32; ValueError if out of range."""
+    if isinstance(value, str):
+        if value in SIZE_PRESETS:
+            return SIZE_PRESETS[value]
+        sep = next((s for s in ("*", "x", "X") if s in value), None)
+        if sep is None:
+            raise ValueError(value)
+        w_s, _, h_s = value.partition(sep)
+        if not (w_s.strip().isdigit() and h_s.strip().isdigit()):
+            raise ValueError(value)
+        w, h = int(w_s), int(h_s)
+    else:
+        w, h = value.width, value.height
+    w, h = round(w / 32) * 32, round(h / 32) * 32
+    if not (CUSTOM_MIN <= w <= CUSTOM_MAX and CUSTOM_MIN <= h <= CUSTOM_MAX and w * h <= CUSTOM_AREA):
+        raise ValueError(f"{w}x{h}")
+    return w, h
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and len(value) > 60:
+        return f"a string of {len(value):,} characters"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
+    """The first problem as `field: rule (got value)`."""
+    errors = err.errors() if isinstance(err, ValidationError) else err
+    e = errors[0]
+    loc = list(e.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    kind = e.get("type", "")
+    if kind == "json_invalid":
+        return f"body: malformed JSON ({e.get('ctx', {}).get('error', 'cannot parse')})"
+    if not loc:
+        return "body: must be a JSON object with the request's fields"
+    name = str(loc[0])
+    field = name + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field (allowed: {', '.join(RULES)})"
+    if kind == "missing":
+        return f"{field}: is required"
+    rule = RULES.get(name, e.get("msg", "is invalid"))
+    if name == "reference_image_urls" and len(loc) > 1:
+        rule = "must be a URL string (http, https, data: or from uploadMedia)"
+    if name == "image_size" and len(loc) > 1:
+        return f"image_size: {rule}"
+    return f"{field}: {rule} (got {_shown(e.get('input'))})"
+
+
+Status = Literal["created", "processing", "completed", "failed"]
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class Timings(BaseModel):
+    inference: int | None = None
+
+
+class Urls(BaseModel):
+    get: str
+
+
+class Prediction(BaseModel):
+    id: str
+    model: str
+    status: Status
+    input: dict[str, Any]
+    outputs: list[str]
+    urls: Urls
+    has_nsfw_contents: list[bool]
+    error: str
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    timings: Timings
+    progress: Progress | None = None
+
+
+class Envelope(BaseModel):
+    code: int
+    message: str
+    data: Any
+
+
+class PredictionEnvelope(Envelope):
+    data: Prediction
+
+
+class PredictionList(BaseModel):
+    items: list[Prediction]
+    next_cursor: str | None
+
+
+class PredictionListEnvelope(Envelope):
+    data: PredictionList
+
+
+class UploadData(BaseModel):
+    url: str
+
+
+class UploadEnvelope(Envelope):
+    url: str
+    data: UploadData
+
+
+class ModelInfo(BaseModel):
+    id: str
+    aliases: list[str]
+    price_per_image_usd: float
+    parameters: dict[str, Any]
+
+
+class ModelsEnvelope(Envelope):
+    data: list[ModelInfo]
+
+
+class UsageDay(BaseModel):
+    date: str
+    images: int
+    amount_usd: float
+
+
+class Usage(BaseModel):
+    images: int
+    amount_usd: float
+    days: list[UsageDay]
+
+
+class UsageEnvelope(Envelope):
+    data: Usage
+
+
+class ErrorEnvelope(Envelope):
+    data: None = None
+
+
+def parameter_schema() -> dict[str, Any]:
+    """What GET /api/v1/models tells a client about each field: type, default, range."""
+    return {
+        "prompt": {"type": "string", "required": True, "max_length": MAX_PROMPT},
+        "image_size": {"type": "string|object", "default": "landscape_4_3",
+                       "presets": {k: {"width": w, "height": h} for k, (w, h) in SIZE_PRESETS.items()},
+                       "custom": {"min_side": CUSTOM_MIN, "max_side": CUSTOM_MAX, "max_pixels": CUSTOM_AREA,
+                                  "multiple_of": 32}},
+        "num_inference_steps": {"type": "integer", "default": 50, "minimum": 1, "maximum": 100},
+        "guidance_scale": {"type": "number", "default": 5.0, "minimum": 1.0, "maximum": 20.0},
+        "output_format": {"type": "string", "default": "png", "enum": ["png", "jpeg", "webp"]},
+        "seed": {"type": "integer", "default": -1, "minimum": -1, "maximum": MAX_SEED},
+        "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
+        "keep_original_aspect": {"type": "boolean", "default": False},
+        "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
+        "enable_sync_mode": {"type": "boolean", "default": False},
+        "enable_base64_output": {"type": "boolean", "default": False},
+    }

@@ -1,0 +1,129 @@
+"""All service settings in one place: `HIDREAM_*` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from hidream.service.errors import ServiceError
+
+DEFAULT_MODEL_IDS = ("hidream-o1-image",)
+# The hosted service's ids, so its clients work unchanged.
+DEFAULT_ALIASES = {"hidream-o1-1.5": "hidream-o1-image", "hidream-ai/hidream-o1-1.5": "hidream-o1-image"}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("HIDREAM_HOME") or Path.home() / ".cache" / "hidream")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Read once at start-up and passed down; nothing reads the environment after that."""
+
+    home: Path = field(default_factory=default_home)
+    model: str | None = None  # checkpoint directory; None: the demo checkpoint
+    variant: str | None = None  # full | dev; None: from the directory name
+    device: str | None = None
+    dtype: str | None = None  # bf16 | fp16 | fp32
+    model_ids: tuple[str, ...] = DEFAULT_MODEL_IDS
+    aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None  # default http://host:port
+    database_url: str | None = None  # default sqlite under home
+    storage_dir: Path | None = None  # default home/storage
+    secret: str | None = None  # signs file URLs; default: generated once under home
+    price_usd: float = 0.044
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_pixels: int = 40_000_000
+    max_queue: int = 100
+    sync_timeout_s: float = 300.0
+    lease_s: float = 30.0
+    max_attempts: int = 3
+    url_ttl_s: int = 24 * 3600
+    fetch_timeout_s: float = 10.0
+    fetch_allow: tuple[str, ...] = ()
+    worker: bool = True  # `serve` runs an in-process worker
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'hidream.db'}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.storage_dir or self.home / "storage"
+
+    def signing_secret(self) -> str:
+        """The configured secret, else one generated on first use and kept under home."""
+        if self.secret:
+            return self.secret
+        path = self.home / "secret"
+        if not path.is_file():
+            self.home.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def resolve_model_id(self, name: str) -> str | None:
+        """The served id a client's model name maps to, or None."""
+        if name in self.model_ids:
+            return name
+        return self.aliases.get(name)
+
+
+# name -> (environment variable, parser). Every setting has one.
+def _tuple(v: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _aliases(v: str) -> dict[str, str]:
+    out = {}
+    for pair in _tuple(v):
+        alias, _, target = pair.partition("=")
+        if not target:
+            raise ServiceError(f"HIDREAM_MODEL_ALIASES: {pair!r} is not alias=id")
+        out[alias.strip()] = target.strip()
+    return out
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+PARSERS: dict[str, Any] = {
+    "home": Path, "model": str, "variant": str, "device": str, "dtype": str,
+    "model_ids": _tuple, "aliases": _aliases, "host": str, "port": int, "public_url": str,
+    "database_url": str, "storage_dir": Path, "secret": str, "price_usd": float,
+    "max_body_bytes": int, "max_upload_bytes": int, "max_upload_pixels": int, "max_queue": int,
+    "sync_timeout_s": float, "lease_s": float, "max_attempts": int, "url_ttl_s": int,
+    "fetch_timeout_s": float, "fetch_allow": _tuple, "worker": _bool,
+}
+ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, then `overrides` (CLI flags; None means not given)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = env.get(ENV_NAMES[f.name])
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = PARSERS[f.name](raw)
+            except (ValueError, TypeError) as err:
+                raise ServiceError(f"{ENV_NAMES[f.name]}: cannot use {raw!r} ({err})") from err
+    settings = Settings(**values)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(settings, **given) if given else settings

@@ -1,0 +1,257 @@
+"""The task store: keys, tasks (the table is the queue), the usage ledger, uploads. All SQL lives here."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, or_, select, update
+
+from hidream.service.errors import TooManyRequests
+from hidream.service.tables import api_keys, tasks, uploads, usage
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+KEY_PREFIX = "hd-"
+ACTIVE = ("created", "processing")
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what every timestamp column holds, on SQLite and PostgreSQL alike."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def hash_key(token: str) -> str:
+    # Keys carry 256 random bits, so a plain SHA-256 is enough to store them safely.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def connect(url: str) -> Engine:
+    """An engine for the URL; SQLite in WAL mode with a busy timeout so readers never block the worker."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Store:
+    """Every database operation of the service, each one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        engine = connect(url)
+        migrate(engine)
+        return cls(engine)
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    def create_key(self, name: str = "default") -> tuple[ApiKey, str]:
+        """A new key; the clear-text token is returned once and never stored."""
+        token = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = {"id": new_id(), "name": name, "key_hash": hash_key(token), "prefix": token[:10],
+               "created_at": utcnow(), "revoked_at": None}
+        with self.engine.begin() as conn:
+            conn.execute(insert(api_keys).values(**row))
+        return ApiKey(row["id"], name, row["prefix"], row["created_at"], None), token
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).mappings().all()
+        return [ApiKey(r["id"], r["name"], r["prefix"], r["created_at"], r["revoked_at"]) for r in rows]
+
+    def revoke_key(self, key_id_or_prefix: str) -> bool:
+        cond = or_(api_keys.c.id == key_id_or_prefix, api_keys.c.prefix == key_id_or_prefix)
+        with self.engine.begin() as conn:
+            res = conn.execute(update(api_keys).where(cond, api_keys.c.revoked_at.is_(None))
+                               .values(revoked_at=utcnow()))
+        return res.rowcount > 0
+
+    def key_for_token(self, token: str) -> str | None:
+        """The id of the live key with this token, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(api_keys.c.id).where(
+                api_keys.c.key_hash == hash_key(token), api_keys.c.revoked_at.is_(None))).scalar()
+
+    def count_keys(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(api_keys)).scalar_one()
+
+    # --- submitting and reading -------------------------------------------------------------------
+
+    def insert_task(self, key_id: str, model: str, input: dict[str, Any], references: list[str],
+                    max_queue: int, task_id: str | None = None) -> dict[str, Any]:
+        """Queue a task, unless `max_queue` tasks already wait or run (then TooManyRequests)."""
+        row = {"id": task_id or new_id(), "key_id": key_id, "model": model, "status": "created", "input": input,
+               "references": references, "outputs": [], "error": "", "created_at": utcnow(), "attempts": 0}
+        with self.engine.begin() as conn:
+            depth = conn.execute(select(func.count()).select_from(tasks).where(tasks.c.status.in_(ACTIVE))).scalar_one()
+            if depth >= max_queue:
+                raise TooManyRequests(f"queue full: {depth} tasks waiting or running; retry later", retry_after=10)
+            conn.execute(insert(tasks).values(**row))
+        return self.get_task(row["id"])  # type: ignore[return-value]
+
+    def get_task(self, task_id: str, key_id: str | None = None) -> dict[str, Any] | None:
+        cond = [tasks.c.id == task_id] + ([tasks.c.key_id == key_id] if key_id is not None else [])
+        with self.engine.connect() as conn:
+            row = conn.execute(select(tasks).where(*cond)).mappings().first()
+        return dict(row) if row else None
+
+    def list_tasks(self, key_id: str, limit: int, before: tuple[datetime, str] | None) -> list[dict[str, Any]]:
+        """A key's tasks, newest first, strictly older than the (created_at, id) cursor."""
+        q = select(tasks).where(tasks.c.key_id == key_id)
+        if before is not None:
+            at, tid = before
+            q = q.where(or_(tasks.c.created_at < at, and_(tasks.c.created_at == at, tasks.c.id < tid)))
+        q = q.order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings().all()]
+
+    def queue_depth(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(tasks).where(tasks.c.status.in_(ACTIVE))).scalar_one()
+
+    # --- the worker's side ------------------------------------------------------------------------
+
+    def claim(self, worker: str, models: list[str], lease_s: float) -> dict[str, Any] | None:
+        """Atomically take the oldest waiting task for one of `models` and lease it to `worker`."""
+        now = utcnow()
+        oldest = (select(tasks.c.id).where(tasks.c.status == "created", tasks.c.model.in_(models))
+                  .order_by(tasks.c.created_at, tasks.c.id).limit(1))
+        if self.engine.dialect.name == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)
+        stmt = (update(tasks).where(tasks.c.id == oldest.scalar_subquery(), tasks.c.status == "created")
+                .values(status="processing", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_s),
+                        attempts=tasks.c.attempts + 1, started_at=func.coalesce(tasks.c.started_at, now),
+                        progress_step=0, progress_total=None)
+                .returning(*tasks.c))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return dict(row) if row else None
+
+    def _held(self, task_id: str, worker: str):
+        return and_(tasks.c.id == task_id, tasks.c.status == "processing", tasks.c.lease_owner == worker)
+
+    def renew(self, task_id: str, worker: str, lease_s: float) -> bool:
+        """Extend the lease; False when the task is no longer ours (it was recovered elsewhere)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(tasks).where(self._held(task_id, worker))
+                               .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+        return res.rowcount == 1
+
+    def progress(self, task_id: str, worker: str, step: int, total: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(tasks).where(self._held(task_id, worker))
+                         .values(progress_step=step, progress_total=total))
+
+    def complete(self, task_id: str, worker: str, outputs: list[str], inference_ms: int,
+                 price_micro_usd: int) -> bool:
+        """Mark done and charge each image, in one transaction; False (and no charge) if not ours."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
+                status="completed", outputs=outputs, completed_at=now, inference_ms=inference_ms,
+                lease_owner=None, lease_expires_at=None).returning(tasks.c.key_id))
+            key_id = res.scalar()
+            if key_id is None:
+                return False
+            # The unique (task_id, image_index) constraint makes a second charge impossible.
+            conn.execute(insert(usage), [
+                {"key_id": key_id, "task_id": task_id, "image_index": i,
+                 "amount_micro_usd": price_micro_usd, "created_at": now} for i in range(len(outputs))])
+        return True
+
+    def fail(self, task_id: str, worker: str, error: str) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
+                status="failed", error=error, completed_at=utcnow(), lease_owner=None, lease_expires_at=None))
+        return res.rowcount == 1
+
+    def release(self, task_id: str, worker: str) -> bool:
+        """Put a task back in the queue without counting the attempt (graceful shutdown)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
+                status="created", lease_owner=None, lease_expires_at=None, attempts=tasks.c.attempts - 1,
+                progress_step=None, progress_total=None))
+        return res.rowcount == 1
+
+    def recover_expired(self, max_attempts: int) -> tuple[int, int]:
+        """Tasks whose worker died (lease expired): back to the queue, or failed after `max_attempts`.
+
+        Returns (requeued, failed).
+        """
+        now = utcnow()
+        expired = and_(tasks.c.status == "processing", tasks.c.lease_expires_at < now)
+        with self.engine.begin() as conn:
+            failed = conn.execute(update(tasks).where(expired, tasks.c.attempts >= max_attempts).values(
+                status="failed", completed_at=now, lease_owner=None, lease_expires_at=None,
+                error=f"the worker running this task stopped responding {max_attempts} times; giving up")).rowcount
+            requeued = conn.execute(update(tasks).where(expired).values(
+                status="created", lease_owner=None, lease_expires_at=None,
+                progress_step=None, progress_total=None)).rowcount
+        return requeued, failed
+
+    # --- usage and uploads ------------------------------------------------------------------------
+
+    def usage(self, key_id: str) -> dict[str, Any]:
+        day = func.date(usage.c.created_at)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count(), func.coalesce(func.sum(usage.c.amount_micro_usd), 0))
+                                 .where(usage.c.key_id == key_id)).one()
+            days = conn.execute(select(day, func.count(), func.sum(usage.c.amount_micro_usd))
+                                .where(usage.c.key_id == key_id).group_by(day).order_by(day)).all()
+        return {"images": total[0], "micro_usd": int(total[1]),
+                "days": [{"date": str(d), "images": n, "micro_usd": int(a)} for d, n, a in days]}
+
+    def charges(self, task_id: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(usage).where(usage.c.task_id == task_id)).scalar_one()
+
+    def add_upload(self, blob: str, key_id: str, content_type: str, size: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(uploads).values(blob=blob, key_id=key_id, content_type=content_type,
+                                                size=size, created_at=utcnow()))
+
+    def upload_owner(self, blob: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(uploads.c.key_id).where(uploads.c.blob == blob)).scalar()

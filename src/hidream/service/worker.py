@@ -1,0 +1,183 @@
+"""The worker: owns the model, claims tasks from the store, runs them, stores and bills the images."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Protocol
+
+from PIL import Image
+
+from hidream.service.settings import Settings
+from hidream.service.storage import Storage
+from hidream.service.store import Store
+
+log = logging.getLogger("hidream.worker")
+
+FORMATS = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
+
+
+class EngineLike(Protocol):
+    """What the worker needs of the engine: a request in, images out, progress and cancel hooks."""
+
+    def generate(self, request: Any, progress: Callable | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> Any: ...
+
+
+class WorkerState(Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_ALLOWED = {
+    WorkerState.STARTING: {WorkerState.IDLE, WorkerState.STOPPED},
+    WorkerState.IDLE: {WorkerState.RUNNING, WorkerState.STOPPING},
+    WorkerState.RUNNING: {WorkerState.IDLE, WorkerState.STOPPING},
+    WorkerState.STOPPING: {WorkerState.STOPPED},
+    WorkerState.STOPPED: set(),
+}
+
+
+class ShutdownRequested(Exception):
+    pass
+
+
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    """The image in `fmt`, with no metadata beyond what the format needs."""
+    name, options = FORMATS[fmt]
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=name, **options)
+    return buf.getvalue()
+
+
+def build_request(task: dict[str, Any], references: list[bytes]):
+    from hidream.engine.pipeline import GenerationRequest
+
+    inp = task["input"]
+    return GenerationRequest(
+        prompt=inp["prompt"], width=inp["width"], height=inp["height"], references=references,
+        keep_original_aspect=inp["keep_original_aspect"], steps=inp["num_inference_steps"],
+        guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
+    )
+
+
+class Worker:
+    """One model, one task at a time; leases renewed while running; a failing task never stops it."""
+
+    def __init__(self, settings: Settings, store: Store, storage: Storage,
+                 load_engine: Callable[[], EngineLike], worker_id: str | None = None,
+                 poll_s: float = 0.1) -> None:
+        self.settings, self.store, self.storage = settings, store, storage
+        self.load_engine = load_engine
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.poll_s = poll_s
+        self.state = WorkerState.STARTING
+        self.stop_event = threading.Event()
+        self.engine: EngineLike | None = None
+
+    def _to(self, state: WorkerState) -> None:
+        if state not in _ALLOWED[self.state]:
+            raise RuntimeError(f"worker: illegal transition {self.state.value} -> {state.value}")
+        self.state = state
+
+    def stop(self) -> None:
+        """Ask the loop to end: a running task stops at its next step and goes back to the queue."""
+        self.stop_event.set()
+
+    def run(self) -> None:
+        """Load the model, then serve tasks until stop()."""
+        try:
+            self.engine = self.load_engine()
+        except Exception:
+            log.exception("worker %s: the model failed to load", self.id)
+            self._to(WorkerState.STOPPED)
+            raise
+        self._to(WorkerState.IDLE)
+        models = list(self.settings.model_ids)
+        log.info("worker %s: ready for %s", self.id, ", ".join(models))
+        while not self.stop_event.is_set():
+            self.store.recover_expired(self.settings.max_attempts)
+            task = self.store.claim(self.id, models, self.settings.lease_s)
+            if task is None:
+                self.stop_event.wait(self.poll_s)
+                continue
+            self._to(WorkerState.RUNNING)
+            try:
+                self.process(task)
+            finally:
+                if self.state is WorkerState.RUNNING:
+                    self._to(WorkerState.IDLE)
+        self._to(WorkerState.STOPPING)
+        self._to(WorkerState.STOPPED)
+
+    def process(self, task: dict[str, Any]) -> None:
+        """Run one claimed task to `completed` or `failed` (or back to the queue on shutdown)."""
+        tid = task["id"]
+        lost = threading.Event()
+        done = threading.Event()
+
+        def heartbeat() -> None:
+            while not done.wait(self.settings.lease_s / 3):
+                if not self.store.renew(tid, self.id, self.settings.lease_s):
+                    lost.set()
+                    return
+
+        beat = threading.Thread(target=heartbeat, name=f"lease-{tid[:8]}", daemon=True)
+        beat.start()
+        last_report = [0.0]
+
+        def progress(step: int, total: int, _preview) -> None:
+            now = time.monotonic()
+            if step == total or now - last_report[0] >= 0.25:
+                last_report[0] = now
+                self.store.progress(tid, self.id, step, total)
+
+        def should_cancel() -> bool:
+            if lost.is_set():
+                return True
+            if self.stop_event.is_set():
+                raise ShutdownRequested
+            return False
+
+        try:
+            references = [self.storage.get(key) for key in task["references"]]
+            started = time.perf_counter()
+            result = self.engine.generate(build_request(task, references), progress=progress,
+                                          should_cancel=should_cancel)
+            inference_ms = int((time.perf_counter() - started) * 1000)
+            fmt = task["input"]["output_format"]
+            keys = []
+            for i, image in enumerate(result.images):
+                key = f"outputs/{tid}/{i}.{fmt}"
+                self.storage.put(key, encode_image(image, fmt))
+                keys.append(key)
+            price = round(self.settings.price_usd * 1_000_000)
+            if not self.store.complete(tid, self.id, keys, inference_ms, price):
+                log.warning("task %s: lease lost before completion; another worker owns it", tid)
+        except ShutdownRequested:
+            self.store.release(tid, self.id)
+            log.info("task %s: back in the queue (shutdown)", tid)
+        except Exception as err:  # the model's failure fails this task, never the worker
+            from hidream.engine.errors import GenerationCanceled, HiDreamError
+
+            if isinstance(err, GenerationCanceled) and lost.is_set():
+                log.warning("task %s: lease lost; stopped", tid)
+            else:
+                if isinstance(err, HiDreamError):
+                    message = str(err)
+                else:
+                    log.exception("task %s failed", tid)
+                    message = f"the model failed on this request ({type(err).__name__}: {err})"
+                self.store.fail(tid, self.id, message)
+        finally:
+            done.set()
+            beat.join()
