@@ -187,9 +187,12 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             ref_keys.append(f"references/{task_id}/{i}.{fmt}")
         shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
                       for u in body.reference_image_urls]
+        steps, guidance = settings.recipe_defaults
         inp = body.model_dump(exclude={"model", "image_size"}) | {
             "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
-            "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls}
+            "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls,
+            "num_inference_steps": body.num_inference_steps or steps,
+            "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
 
         def persist() -> dict[str, Any]:
             for key, data in zip(ref_keys, refs, strict=True):
@@ -264,7 +267,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
     @app.get("/api/v1/models", response_model=schemas.ModelsEnvelope)
     def models(key_id: Key):
         """The served model ids, their aliases, parameters and price."""
-        params = schemas.parameter_schema()
+        params = schemas.parameter_schema(*settings.recipe_defaults)
         return envelope([{"id": m, "aliases": [a for a, t in settings.aliases.items() if t == m],
                           "price_per_image_usd": settings.price_usd, "parameters": params}
                          for m in settings.model_ids])

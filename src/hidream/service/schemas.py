@@ -46,8 +46,9 @@ class GenerateImageRequest(BaseModel):
     model: str
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
     image_size: str | SizeObject = "landscape_4_3"
-    num_inference_steps: int = Field(50, ge=1, le=100)
-    guidance_scale: float = Field(5.0, ge=1.0, le=20.0)
+    # None: the served recipe's default (50 and 5.0 for the full model, 28 and 1.0 for Dev)
+    num_inference_steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     reference_image_urls: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
@@ -65,8 +66,8 @@ class GenerateImageRequest(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
             raise ValueError("not finite")
         return v
 
@@ -215,7 +216,7 @@ class ErrorEnvelope(Envelope):
     data: None = None
 
 
-def parameter_schema() -> dict[str, Any]:
+def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
     """What GET /api/v1/models tells a client about each field: type, default, range."""
     return {
         "prompt": {"type": "string", "required": True, "max_length": MAX_PROMPT},
@@ -223,8 +224,8 @@ def parameter_schema() -> dict[str, Any]:
                        "presets": {k: {"width": w, "height": h} for k, (w, h) in SIZE_PRESETS.items()},
                        "custom": {"min_side": CUSTOM_MIN, "max_side": CUSTOM_MAX, "max_pixels": CUSTOM_AREA,
                                   "multiple_of": 32}},
-        "num_inference_steps": {"type": "integer", "default": 50, "minimum": 1, "maximum": 100},
-        "guidance_scale": {"type": "number", "default": 5.0, "minimum": 1.0, "maximum": 20.0},
+        "num_inference_steps": {"type": "integer", "default": steps, "minimum": 1, "maximum": 100},
+        "guidance_scale": {"type": "number", "default": guidance, "minimum": 1.0, "maximum": 20.0},
         "output_format": {"type": "string", "default": "png", "enum": ["png", "jpeg", "webp"]},
         "seed": {"type": "integer", "default": -1, "minimum": -1, "maximum": MAX_SEED},
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},

@@ -72,6 +72,13 @@ class Settings:
             path.chmod(0o600)
         return path.read_text().strip()
 
+    @property
+    def recipe_defaults(self) -> tuple[int, float]:
+        """(steps, guidance) when a request leaves them out: the served variant's official recipe."""
+        dev = self.variant == "dev" or (self.variant is None and bool(self.model)
+                                        and Path(self.model).name.lower().endswith("-dev"))
+        return (28, 1.0) if dev else (50, 5.0)
+
     def resolve_model_id(self, name: str) -> str | None:
         """The served id a client's model name maps to, or None."""
         if name in self.model_ids:
