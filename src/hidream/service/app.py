@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hidream.service import schemas
 from hidream.service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, TooManyRequests, Unauthorized
-from hidream.service.fetch import FetchPolicy, check_image, decode_data_uri, fetch_image
+from hidream.service.fetch import FetchPolicy, ImageInfo, check_image, decode_data_uri, fetch_image
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, UrlSigner
 from hidream.service.store import Store
@@ -145,7 +145,8 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             "progress": progress,
         }
 
-    async def reference_bytes(url: str, field: str, key_id: str) -> bytes:
+    async def reference(url: str, field: str, key_id: str) -> tuple[bytes, ImageInfo]:
+        """The bytes of one reference image, checked to decode within the caps."""
         if url.startswith("data:"):
             data = decode_data_uri(url, policy, field)
         elif (blob := signer.key_of(url)) is not None:
@@ -157,8 +158,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         else:
             raise BadRequest(f"{field}: must be an http(s) URL, a data: URI or a URL from uploadMedia "
                              f"(got {url[:80]!r})")
-        check_image(data, policy, field)
-        return data
+        return data, await run_in_threadpool(check_image, data, policy, field)
 
     @app.post("/api/v1/model/generateImage", response_model=schemas.PredictionEnvelope,
               responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
@@ -173,18 +173,15 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             width, height = schemas.resolve_size(body.image_size)
         except ValueError:
             raise BadRequest(f"image_size: {schemas.RULES['image_size']}") from None
-        refs = await asyncio.gather(*(reference_bytes(u, f"reference_image_urls[{i}]", key_id)
-                                      for i, u in enumerate(body.reference_image_urls)))
-        if body.keep_original_aspect and len(refs) == 1:
-            info = check_image(refs[0], policy, "reference_image_urls[0]")
-            width, height = fit_size(info.width, info.height, KEEP_ASPECT_SIDE)
+        fetched = await asyncio.gather(*(reference(u, f"reference_image_urls[{i}]", key_id)
+                                         for i, u in enumerate(body.reference_image_urls)))
+        refs = [data for data, _ in fetched]
+        if body.keep_original_aspect and len(fetched) == 1:
+            width, height = fit_size(fetched[0][1].width, fetched[0][1].height, KEEP_ASPECT_SIDE)
         seed = body.seed if body.seed >= 0 else secrets.randbelow(schemas.MAX_SEED + 1)
         mode = ("text-to-image", "edit")[len(refs)] if len(refs) < 2 else "personalization"
         task_id = secrets.token_hex(16)
-        ref_keys = []
-        for i, data in enumerate(refs):
-            fmt = EXTENSIONS[check_image(data, policy, f"reference_image_urls[{i}]").format]
-            ref_keys.append(f"references/{task_id}/{i}.{fmt}")
+        ref_keys = [f"references/{task_id}/{i}.{EXTENSIONS[info.format]}" for i, (_, info) in enumerate(fetched)]
         shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
                       for u in body.reference_image_urls]
         steps, guidance = settings.recipe_defaults
@@ -207,7 +204,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         row = await run_in_threadpool(persist)
         if body.enable_sync_mode:
             row = await wait_for(row["id"], settings.sync_timeout_s)
-        return envelope(render(row))
+        return envelope(await run_in_threadpool(render, row))
 
     async def wait_for(task_id: str, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -253,7 +250,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         data = await file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise PayloadTooLarge(f"file: larger than {settings.max_upload_bytes:,} bytes")
-        info = check_image(data, policy, "file")
+        info = await run_in_threadpool(check_image, data, policy, "file")
         blob = f"uploads/{secrets.token_hex(16)}.{EXTENSIONS[info.format]}"
 
         def persist() -> None:
