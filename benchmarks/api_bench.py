@@ -100,7 +100,10 @@ def serve(home: Path, port: int, max_seconds: float, parent: int) -> int:
             time.sleep(0.5)
 
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on, after a clean shutdown
+        pass
     return 0
 
 
