@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hidream.service import schemas
@@ -114,12 +116,12 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         log.exception("request %s failed", rid)
         return envelope(None, 500, f"internal error (request id {rid})")
 
-    def api_key(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+
+    def api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        if credentials is None or not credentials.credentials.strip():
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-        key_id = store.key_for_token(token.strip())
+        key_id = store.key_for_token(credentials.credentials.strip())
         if key_id is None:
             raise Unauthorized("invalid or revoked API key")
         return key_id
@@ -291,4 +293,17 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
     def healthz():
         return envelope({"worker": worker.state.value if worker else None})
 
+    def openapi() -> dict[str, Any]:
+        """The generated schema, less FastAPI's 422 responses: validation failures here are 400s."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in spec["paths"].values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
