@@ -302,7 +302,7 @@ async def bench(base: str, token: str, server_pid: int, n: int, c: int, poll_ms:
         phases.append(e)
 
         # (c') the same with one task in flight: the floor of the latency.
-        e1 = Phase("e2e-1", f"as e2e, one task in flight", 1)
+        e1 = Phase("e2e-1", "as e2e, one task in flight", 1)
         e2e_polls = []
         await run_phase(e1, max(1, n // 10), one_e2e, server_pid)
         e1.extra["polls_per_task"] = round(statistics.fmean(e2e_polls), 1) if e2e_polls else None
@@ -325,7 +325,7 @@ async def bench(base: str, token: str, server_pid: int, n: int, c: int, poll_ms:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| phase | what | concurrency | requests ok | errors | requests/s | p50 ms | p99 ms | max ms "
+    lines = ["| phase | what | concurrency | ok | errors | per s | p50 ms | p99 ms | max ms "
              "| server CPU | client CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["phases"]:

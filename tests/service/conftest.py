@@ -58,6 +58,9 @@ def bomb() -> bytes:
 class ImageServer:
     """A threaded HTTP server on 127.0.0.1 that counts the requests it got, per path."""
 
+    png = PNG  # what /ok.png serves
+    big_png = BIG_PNG  # what /big.png serves
+
     def __init__(self) -> None:
         self.hits: list[str] = []
         self.lock = threading.Lock()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, create_engine, event, func, insert, or_, select, text, update
 
 from hidream.service.errors import TooManyRequests
 from hidream.service.tables import api_keys, tasks, uploads, usage
@@ -39,7 +41,9 @@ def connect(url: str) -> Engine:
     """An engine for the URL; SQLite in WAL mode with a busy timeout so readers never block the worker."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as the API's thread pool may use at once, so they are not reopened.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=20, max_overflow=20)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
@@ -84,6 +88,25 @@ class Store:
         migrate(engine)
         return cls(engine)
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[Connection]:
+        """A transaction holding the database's write lock from its first statement."""
+        if self.engine.dialect.name != "sqlite":
+            with self.engine.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(7301)"))
+                yield conn
+            return
+        # pysqlite would BEGIN lazily (DEFERRED); take the lock up front instead.
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+
     # --- keys -----------------------------------------------------------------------------------
 
     def create_key(self, name: str = "default") -> tuple[ApiKey, str]:
@@ -124,12 +147,13 @@ class Store:
         """Queue a task, unless `max_queue` tasks already wait or run (then TooManyRequests)."""
         row = {"id": task_id or new_id(), "key_id": key_id, "model": model, "status": "created", "input": input,
                "references": references, "outputs": [], "error": "", "created_at": utcnow(), "attempts": 0}
-        with self.engine.begin() as conn:
+        with self._exclusive() as conn:  # the count and the insert must not interleave with another submit
             depth = conn.execute(select(func.count()).select_from(tasks).where(tasks.c.status.in_(ACTIVE))).scalar_one()
             if depth >= max_queue:
                 raise TooManyRequests(f"queue full: {depth} tasks waiting or running; retry later", retry_after=10)
             conn.execute(insert(tasks).values(**row))
-        return self.get_task(row["id"])  # type: ignore[return-value]
+        return row | {"started_at": None, "completed_at": None, "lease_owner": None, "lease_expires_at": None,
+                      "progress_step": None, "progress_total": None, "inference_ms": None}
 
     def get_task(self, task_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         cond = [tasks.c.id == task_id] + ([tasks.c.key_id == key_id] if key_id is not None else [])

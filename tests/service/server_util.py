@@ -1,0 +1,201 @@
+"""Helpers for the end-to-end tests: real `hidream` processes on loopback, an httpx client, polling.
+
+Every process is started through a `Processes` set whose `stop_all()` a fixture finalizer calls, so a
+failing test never leaves a server behind (terminate, wait, then kill).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+KEY_LINE = re.compile(r"created the first API key \(shown once, keep it\): (hd-\S+)")
+TERMINAL = ("completed", "failed")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(home: Path, model: Path | None, **settings: Any) -> dict[str, str]:
+    """The environment of a `hidream` process: ours minus any HIDREAM_* variable, plus these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIDREAM_")}
+    env.update({"HIDREAM_HOME": str(home), "HIDREAM_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    if model is not None:
+        env["HIDREAM_MODEL"] = str(model)
+    for name, value in settings.items():
+        env["HIDREAM_" + name.upper()] = str(value)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """`hidream ARGS` to completion, output captured."""
+    return subprocess.run([sys.executable, "-m", "hidream.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@dataclass
+class Proc:
+    """One `hidream` process; stdout and stderr go to a log file (a pipe could fill and block it)."""
+
+    popen: subprocess.Popen
+    log: Path
+    port: int | None
+    env: dict[str, str]
+    _key: str | None = field(default=None, init=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def first_key(self) -> str | None:
+        """The key printed on a first start (None when this start printed none)."""
+        m = KEY_LINE.search(self.output())
+        return m.group(1) if m else None
+
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if not self.alive():
+                raise AssertionError(f"process exited ({self.popen.returncode}) before printing {text!r}:\n"
+                                     f"{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} after {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+
+    def wait_ready(self, worker: bool = True, timeout: float = 90) -> None:
+        """Until /healthz answers (and, with an in-process worker, the model is loaded)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            if not self.alive():
+                raise AssertionError(f"server exited ({self.popen.returncode}) while starting:\n"
+                                     f"{self.output()[-3000:]}")
+            try:
+                r = httpx.get(self.base_url + "/healthz", timeout=2)
+                last = r.json()
+                state = last["data"]["worker"]
+                if r.status_code == 200 and (state in ("idle", "running") if worker else state is None):
+                    return
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready after {timeout} s (last /healthz: {last}):\n"
+                                     f"{self.output()[-3000:]}")
+            time.sleep(0.1)
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 40) -> None:
+        """terminate, wait, kill: the process is gone when this returns."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=30)
+
+
+class Processes:
+    """Starts `hidream serve` / `hidream worker` processes and stops every one of them in `stop_all`."""
+
+    def __init__(self, logs_dir: Path) -> None:
+        self.logs_dir = Path(logs_dir)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+
+    def _start(self, args: list[str], env: dict[str, str], port: int | None, name: str) -> Proc:
+        log = self.logs_dir / f"{len(self.procs):02d}-{name}.log"
+        with open(log, "wb") as out:
+            popen = subprocess.Popen([sys.executable, "-m", "hidream.cli", *args], env=env, stdout=out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = Proc(popen, log, port, env)
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, env: dict[str, str], port: int | None = None, worker: bool = True,
+              wait: bool = True) -> Proc:
+        """`hidream serve` on 127.0.0.1 and a free port (or `port`), ready when this returns."""
+        port = port or free_port()
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port)] + ([] if worker else ["--no-worker"])
+        proc = self._start(args, env, port, "serve")
+        if wait:
+            proc.wait_ready(worker=worker)
+        return proc
+
+    def worker(self, env: dict[str, str], wait: bool = True) -> Proc:
+        """`hidream worker`, ready (model loaded) when this returns."""
+        proc = self._start(["worker"], env, None, "worker")
+        if wait:
+            proc.wait_for_output("ready for")
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stop()
+            except Exception:  # keep going: every process must be stopped
+                if proc.popen.poll() is None:
+                    proc.popen.send_signal(signal.SIGKILL)
+
+
+def client(base_url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def ok(response: httpx.Response) -> Any:
+    """`data` of a 200 envelope (with the body in the assertion message otherwise)."""
+    assert response.status_code == 200, f"{response.status_code}: {response.text[:2000]}"
+    body = response.json()
+    assert body["code"] == 200 and body["message"] == "success", body
+    return body["data"]
+
+
+def poll(c: httpx.Client, url: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120,
+         interval: float = 0.05, seen: list[dict] | None = None) -> dict[str, Any]:
+    """GET a prediction until its status is one of `until`; every snapshot goes to `seen`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pred = ok(c.get(url))
+        if seen is not None:
+            seen.append(pred)
+        if pred["status"] in until:
+            return pred
+        assert pred["status"] in ("created", "processing", "completed", "failed"), pred["status"]
+        if pred["status"] in TERMINAL:
+            raise AssertionError(f"prediction ended {pred['status']} (error {pred['error']!r}), wanted {until}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"prediction still {pred['status']} after {timeout} s: {pred}")
+        time.sleep(interval)
+
+
+def parse_ts(value: str) -> datetime:
+    """An API timestamp: ISO 8601, UTC, with a Z."""
+    assert isinstance(value, str) and value.endswith("Z"), value
+    return datetime.fromisoformat(value)
