@@ -35,6 +35,9 @@ def service_env(home: Path, model: Path | None, **settings: Any) -> dict[str, st
     """The environment of a `hidream` process: ours minus any HIDREAM_* variable, plus these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIDREAM_")}
     env.update({"HIDREAM_HOME": str(home), "HIDREAM_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    # One torch thread per process: the tests run several processes on a small machine, and intra-op
+    # threads that spin-wait for cores held by another process slow a step down many times over.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     if model is not None:
         env["HIDREAM_MODEL"] = str(model)
     for name, value in settings.items():

@@ -278,15 +278,11 @@ def test_auth_checked_before_validation(service: Service) -> None:
     assert_error(service.client.post(UPLOAD, files={"file": ("a.txt", b"text", "text/plain")}, headers={}), 401)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py: FastAPI parses the JSON body before the api_key dependency runs, "
-                                       "so a request without a key but with malformed JSON gets 400, not 401")
 def test_auth_checked_before_json_parsing(service: Service) -> None:
     resp = service.client.post(GENERATE, content=b'{"model":', headers={"Content-Type": "application/json"})
     assert_error(resp, 401)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py: a malformed multipart body gets Starlette's 400 'Invalid multipart "
-                                       "data.', a message that names no field")
 def test_upload_malformed_multipart(service: Service) -> None:
     resp = service.client.post(UPLOAD, content=b"junk",
                                headers={**service.h1, "Content-Type": "multipart/form-data; boundary=x"})
@@ -325,8 +321,6 @@ def test_body_over_cap(make_service: Callable[..., Service]) -> None:
     assert_ok(svc.submit(prompt="a" * 1000))  # under the cap
 
 
-@pytest.mark.xfail(strict=True, reason="app.py BodyLimit: PayloadTooLarge raised from receive() is turned by "
-                                       "FastAPI's body parsing into 400 'There was an error parsing the body'")
 def test_streamed_body_over_cap(make_service: Callable[..., Service]) -> None:
     svc = make_service(max_body_bytes=2000)
 
@@ -360,8 +354,6 @@ def test_size_accepted(service: Service, size: Any, wh: tuple[int, int]) -> None
     assert inp["image_size"] == size
 
 
-@pytest.mark.xfail(strict=True, reason="schemas.py resolve_size: `w / 32` raises OverflowError for a huge integer "
-                                       "side, which is not caught (500 instead of 400)")
 @pytest.mark.parametrize("size", [{"width": 10**400, "height": 512}, "1" + "0" * 400 + "x700"],
                          ids=["object", "string"])
 def test_size_huge_integer(service: Service, size: Any) -> None:
@@ -458,8 +450,6 @@ def test_keep_original_aspect(service: Service) -> None:
     assert (inp["width"], inp["height"]) == (2304, 1728)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py generate_image: fit_size raises ValueError for an extreme aspect "
-                                       "ratio with keep_original_aspect; uncaught (500 instead of 400)")
 def test_keep_original_aspect_extreme(service: Service) -> None:
     ref = data_uri(png_bytes((5000, 1), mode="L"))
     rejected(service, 400, "reference_image_urls[0]", reference_image_urls=[ref], keep_original_aspect=True)
@@ -648,3 +638,34 @@ def test_openapi(service: Service) -> None:
     assert set(body["properties"]) == {"model", *schemas.RULES}
     assert body["additionalProperties"] is False
     assert set(body["required"]) == {"model", "prompt"}
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
+def test_guidance_not_finite(service: Service, value: bytes) -> None:
+    before = service.leftovers()
+    body = b'{"model": "hidream-o1-image", "prompt": "x", "guidance_scale": ' + value + b"}"
+    assert_error(post_raw(service, body), 400, "guidance_scale")
+    assert service.leftovers() == before
+
+
+def test_dev_variant_defaults(make_service: Callable[..., Service]) -> None:
+    svc = make_service(variant="dev")
+    inp = assert_ok(svc.submit())["input"]
+    assert (inp["num_inference_steps"], inp["guidance_scale"]) == (28, 1.0)
+    inp = assert_ok(svc.submit(num_inference_steps=10, guidance_scale=3.5))["input"]
+    assert (inp["num_inference_steps"], inp["guidance_scale"]) == (10, 3.5)
+    params = assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))[0]["parameters"]
+    assert (params["num_inference_steps"]["default"], params["guidance_scale"]["default"]) == (28, 1.0)
+
+
+def test_unexpected_error_is_500_with_request_id(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(service.store, "insert_task", broken)
+    before = service.leftovers()
+    message = assert_error(service.submit(reference_image_urls=[data_uri()]), 500)
+    assert re.fullmatch(r"internal error \(request id [0-9a-f]+\)", message), message
+    assert "secret" not in message
+    assert service.leftovers() == before  # the reference copy is removed again
+

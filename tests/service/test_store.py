@@ -210,8 +210,6 @@ def test_complete_unclaimed_is_refused(store: Store, key: str) -> None:
     assert store.charges(tid) == 0 and store.get_task(tid)["status"] == "created"
 
 
-@pytest.mark.xfail(strict=True, reason="store.py complete(): conn.execute(insert(usage), []) with no outputs inserts "
-                                       "a row of NULLs -> IntegrityError (task stays processing); guard `if outputs:`")
 def test_complete_without_images(store: Store, key: str) -> None:
     tid = submit(store, key)
     store.claim("w1", ["m"], 30)
@@ -263,10 +261,8 @@ def test_queue_cap(store: Store, key: str) -> None:
     assert store.queue_depth() == 2
 
 
-@pytest.mark.xfail(strict=True, reason="store.py insert_task: the depth SELECT and the INSERT are not atomic (pysqlite "
-                                       "starts the transaction only at the INSERT), so concurrent submits overrun "
-                                       "max_queue")
 def test_queue_cap_concurrent(store: Store, key: str, db_url: str) -> None:
+    """Submits from several processes at once never overrun max_queue (count and insert are one step)."""
     stores = [Store.open(db_url) for _ in range(8)]
     try:
         for _ in range(3):

@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, Query, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -41,7 +44,10 @@ def envelope(data: Any, status: int = 200, message: str = "success", **extra: An
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request body over the cap, declared or streamed."""
+    """ASGI middleware: 413 for a request body over the cap, whether declared or streamed.
+
+    The body is read here, up to the cap, and replayed to the app.
+    """
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -54,21 +60,27 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"body: larger than {self.max_bytes:,} bytes")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except PayloadTooLarge:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations at definition time.
@@ -164,9 +176,16 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     @app.post("/api/v1/model/generateImage", response_model=schemas.PredictionEnvelope,
               responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
-                         413: {"model": schemas.ErrorEnvelope}, 429: {"model": schemas.ErrorEnvelope}})
-    async def generate_image(body: schemas.GenerateImageRequest, key_id: Key):
+                         413: {"model": schemas.ErrorEnvelope}, 429: {"model": schemas.ErrorEnvelope}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/GenerateImageRequest"}}}}})
+    async def generate_image(request: Request, key_id: Key):
         """Submit a generation; poll `urls.get`, or set enable_sync_mode to wait for the result."""
+        # The body is parsed here, after the key was checked: no key is a 401 whatever the body.
+        try:
+            body = schemas.GenerateImageRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise BadRequest(schemas.validation_message(err)) from None
         model = settings.resolve_model_id(body.model)
         if model is None:
             served = ", ".join([*settings.model_ids, *settings.aliases])
@@ -179,7 +198,11 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
                                          for i, u in enumerate(body.reference_image_urls)))
         refs = [data for data, _ in fetched]
         if body.keep_original_aspect and len(fetched) == 1:
-            width, height = fit_size(fetched[0][1].width, fetched[0][1].height, KEEP_ASPECT_SIDE)
+            try:
+                width, height = fit_size(fetched[0][1].width, fetched[0][1].height, KEEP_ASPECT_SIDE)
+            except ValueError:
+                raise BadRequest("reference_image_urls[0]: its aspect ratio is too extreme for "
+                                 "keep_original_aspect (a side would be under 32 pixels)") from None
         seed = body.seed if body.seed >= 0 else secrets.randbelow(schemas.MAX_SEED + 1)
         mode = ("text-to-image", "edit")[len(refs)] if len(refs) < 2 else "personalization"
         task_id = secrets.token_hex(16)
@@ -246,9 +269,19 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     @app.post("/api/v1/model/uploadMedia", response_model=schemas.UploadEnvelope,
               responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
-                         413: {"model": schemas.ErrorEnvelope}})
-    async def upload_media(key_id: Key, file: Annotated[UploadFile, File()]):
+                         413: {"model": schemas.ErrorEnvelope}},
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": ["file"],
+                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
+    async def upload_media(request: Request, key_id: Key):
         """Upload a PNG, JPEG or WebP image (20 MB, 40 megapixels at most) to use as a reference."""
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except (StarletteHTTPException, MultiPartException, ValueError) as err:
+            raise BadRequest(f"file: the body is not a valid multipart/form-data upload ({err})") from None
+        file = form.get("file")
+        if not isinstance(file, StarletteUploadFile):
+            raise BadRequest("file: is required (a multipart/form-data field named 'file' holding the image)")
         data = await file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise PayloadTooLarge(f"file: larger than {settings.max_upload_bytes:,} bytes")
@@ -300,8 +333,12 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             for path in spec["paths"].values():
                 for op in path.values():
                     op.get("responses", {}).pop("422", None)
+            schemas_ = spec.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                spec.get("components", {}).get("schemas", {}).pop(name, None)
+                schemas_.pop(name, None)
+            body = schemas.GenerateImageRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas_.update(body.pop("$defs", {}))
+            schemas_["GenerateImageRequest"] = body
             app.openapi_schema = spec
         return app.openapi_schema
 

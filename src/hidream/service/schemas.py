@@ -86,6 +86,8 @@ def resolve_size(value: str | SizeObject) -> tuple[int, int]:
         w, h = int(w_s), int(h_s)
     else:
         w, h = value.width, value.height
+    if not (0 < w <= 100_000 and 0 < h <= 100_000):
+        raise ValueError(f"{w}x{h}")
     w, h = round(w / 32) * 32, round(h / 32) * 32
     if not (CUSTOM_MIN <= w <= CUSTOM_MAX and CUSTOM_MIN <= h <= CUSTOM_MAX and w * h <= CUSTOM_AREA):
         raise ValueError(f"{w}x{h}")

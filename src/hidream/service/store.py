@@ -220,9 +220,10 @@ class Store:
             if key_id is None:
                 return False
             # The unique (task_id, image_index) constraint makes a second charge impossible.
-            conn.execute(insert(usage), [
-                {"key_id": key_id, "task_id": task_id, "image_index": i,
-                 "amount_micro_usd": price_micro_usd, "created_at": now} for i in range(len(outputs))])
+            if outputs:
+                conn.execute(insert(usage), [
+                    {"key_id": key_id, "task_id": task_id, "image_index": i,
+                     "amount_micro_usd": price_micro_usd, "created_at": now} for i in range(len(outputs))])
         return True
 
     def fail(self, task_id: str, worker: str, error: str) -> bool:
