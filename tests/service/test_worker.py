@@ -143,6 +143,7 @@ def test_shutdown_puts_the_running_task_back_without_counting_the_attempt(servic
     assert worker.state is WorkerState.STOPPED
     row = store.get_task(tid)
     assert row["status"] == "created" and row["attempts"] == 0 and row["lease_owner"] is None
+    assert row["started_at"] is None  # null again until a worker really starts it
     assert store.charges(tid) == 0
 
 

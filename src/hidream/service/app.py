@@ -21,7 +21,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hidream.service import schemas
-from hidream.service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, TooManyRequests, Unauthorized
+from hidream.service.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from hidream.service.fetch import FetchPolicy, ImageInfo, check_image, decode_data_uri, fetch_image
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, UrlSigner
@@ -186,6 +194,8 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             body = schemas.GenerateImageRequest.model_validate_json(await request.body())
         except ValidationError as err:
             raise BadRequest(schemas.validation_message(err)) from None
+        if worker is not None and worker.load_error is not None:
+            raise Unavailable(f"no model loaded: {worker.load_error}")
         model = settings.resolve_model_id(body.model)
         if model is None:
             served = ", ".join([*settings.model_ids, *settings.aliases])
@@ -324,6 +334,9 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
+        """200 while the service can do its job; 503 when its in-process worker has no model."""
+        if worker is not None and worker.load_error is not None:
+            raise Unavailable(f"no model loaded: {worker.load_error}")
         return envelope({"worker": worker.state.value if worker else None})
 
     def openapi() -> dict[str, Any]:

@@ -186,7 +186,7 @@ class Store:
             oldest = oldest.with_for_update(skip_locked=True)
         stmt = (update(tasks).where(tasks.c.id == oldest.scalar_subquery(), tasks.c.status == "created")
                 .values(status="processing", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_s),
-                        attempts=tasks.c.attempts + 1, started_at=func.coalesce(tasks.c.started_at, now),
+                        attempts=tasks.c.attempts + 1, started_at=now,
                         progress_step=0, progress_total=None)
                 .returning(*tasks.c))
         with self.engine.begin() as conn:
@@ -237,7 +237,7 @@ class Store:
         with self.engine.begin() as conn:
             res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
                 status="created", lease_owner=None, lease_expires_at=None, attempts=tasks.c.attempts - 1,
-                progress_step=None, progress_total=None))
+                started_at=None, progress_step=None, progress_total=None))
         return res.rowcount == 1
 
     def recover_expired(self, max_attempts: int) -> tuple[int, int]:
@@ -252,7 +252,7 @@ class Store:
                 status="failed", completed_at=now, lease_owner=None, lease_expires_at=None,
                 error=f"the worker running this task stopped responding {max_attempts} times; giving up")).rowcount
             requeued = conn.execute(update(tasks).where(expired).values(
-                status="created", lease_owner=None, lease_expires_at=None,
+                status="created", lease_owner=None, lease_expires_at=None, started_at=None,
                 progress_step=None, progress_total=None)).rowcount
         return requeued, failed
 

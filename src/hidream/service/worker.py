@@ -83,6 +83,7 @@ class Worker:
         self.state = WorkerState.STARTING
         self.stop_event = threading.Event()
         self.engine: EngineLike | None = None
+        self.load_error: str | None = None  # why the model could not be loaded, if it could not
 
     def _to(self, state: WorkerState) -> None:
         if state not in _ALLOWED[self.state]:
@@ -94,13 +95,14 @@ class Worker:
         self.stop_event.set()
 
     def run(self) -> None:
-        """Load the model, then serve tasks until stop()."""
+        """Load the model, then serve tasks until stop(); if the model cannot load, `load_error` says why."""
         try:
             self.engine = self.load_engine()
-        except Exception:
+        except Exception as err:
             log.exception("worker %s: the model failed to load", self.id)
+            self.load_error = f"{type(err).__name__}: {err}"
             self._to(WorkerState.STOPPED)
-            raise
+            return
         self._to(WorkerState.IDLE)
         models = list(self.settings.model_ids)
         log.info("worker %s: ready for %s", self.id, ", ".join(models))
