@@ -669,3 +669,11 @@ def test_unexpected_error_is_500_with_request_id(service: Service, monkeypatch: 
     assert "secret" not in message
     assert service.leftovers() == before  # the reference copy is removed again
 
+
+
+def test_prompt_with_a_control_token_is_rejected_at_submission(service: Service) -> None:
+    before = service.leftovers()
+    message = assert_error(service.submit(prompt="a cat <|image_pad|> on a mat"), 400)
+    assert message.startswith("prompt: must not contain the model's control token <|image_pad|>"), message
+    assert service.leftovers() == before
+    assert_ok(service.submit(prompt="explain <think> tags and <b>bold</b>"))  # ordinary markup is fine

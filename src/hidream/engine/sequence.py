@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hidream.engine.config import BEGIN_IMAGE_TOKEN, IMAGE_POSITION_OFFSET, PATCH_SIZE, TIMESTEP_TOKEN
 from hidream.engine.errors import CheckpointError, InvalidRequestError
+from hidream.prompts import control_token_in
 
 IMAGE_PAD_TOKEN = "<|image_pad|>"
 UNCONDITIONAL_PROMPT = " "
@@ -101,13 +102,12 @@ class PromptEncoder:
                 f"config.json: image_token_id: {image_token_id} differs from the tokenizer's {IMAGE_PAD_TOKEN} "
                 f"({vocab[IMAGE_PAD_TOKEN]})")
         self.timestep_token_id = vocab[TIMESTEP_TOKEN]
-        self.special_tokens = [t for t in tokenizer.all_special_tokens] + list(
-            getattr(tokenizer, "added_tokens_encoder", {}))
 
-    def check_prompt(self, prompt: str, field: str = "prompt") -> None:
-        for token in self.special_tokens:
-            if token and token in prompt:
-                raise InvalidRequestError(field, f"must not contain the model's control token {token}")
+    @staticmethod
+    def check_prompt(prompt: str, field: str = "prompt") -> None:
+        token = control_token_in(prompt)
+        if token is not None:
+            raise InvalidRequestError(field, f"must not contain the model's control token {token}")
 
     def encode_references(self, refs: list[Image.Image]) -> VisionInputs:
         out = self.image_processor(images=refs, return_tensors="pt")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hidream.prompts import control_token_in
 from hidream.sizes import SIZE_PRESETS
 
 MAX_PROMPT = 5000
@@ -62,6 +63,8 @@ class GenerateImageRequest(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("blank")
+        if (token := control_token_in(v)) is not None:
+            raise ValueError(f"must not contain the model's control token {token}")
         return v
 
     @field_validator("guidance_scale")
@@ -120,6 +123,8 @@ def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
     if kind == "missing":
         return f"{field}: is required"
     rule = RULES.get(name, e.get("msg", "is invalid"))
+    if name == "prompt" and "control token" in e.get("msg", ""):
+        rule = e["msg"].removeprefix("Value error, ")
     if name == "reference_image_urls" and len(loc) > 1:
         rule = "must be a URL string (http, https, data: or from uploadMedia)"
     if name == "image_size" and len(loc) > 1:
