@@ -120,35 +120,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-SERVICE_FLAGS = {
-    # flag: (settings field, type, help)
-    "--model": ("model", str, "checkpoint directory (HIDREAM_MODEL; default: the demo checkpoint)"),
-    "--variant": ("variant", str, "full | dev (HIDREAM_VARIANT)"),
-    "--device": ("device", str, "cuda, cuda:N or cpu (HIDREAM_DEVICE)"),
-    "--dtype": ("dtype", str, "bf16 | fp16 | fp32 (HIDREAM_DTYPE)"),
-    "--model-ids": ("model_ids", lambda v: tuple(x for x in v.split(",") if x), "served ids, comma-separated "
-                    "(HIDREAM_MODEL_IDS)"),
-    "--host": ("host", str, "bind address (HIDREAM_HOST, default 127.0.0.1)"),
-    "--port": ("port", int, "port (HIDREAM_PORT, default 8000)"),
-    "--public-url": ("public_url", str, "base URL clients reach (HIDREAM_PUBLIC_URL)"),
-    "--database-url": ("database_url", str, "SQLAlchemy URL (HIDREAM_DATABASE_URL, default SQLite in HIDREAM_HOME)"),
-    "--storage-dir": ("storage_dir", Path, "files directory (HIDREAM_STORAGE_DIR)"),
-    "--price-usd": ("price_usd", float, "price per image (HIDREAM_PRICE_USD, default 0.044)"),
-    "--max-queue": ("max_queue", int, "tasks waiting or running before 429 (HIDREAM_MAX_QUEUE)"),
-}
-
-
 def add_service_args(p: argparse.ArgumentParser, worker_flag: bool) -> None:
-    for flag, (dest, kind, help_text) in SERVICE_FLAGS.items():
-        p.add_argument(flag, dest=f"svc_{dest}", metavar=dest.upper(), type=kind, help=help_text)
+    """One flag per service setting (`--max-queue` for HIDREAM_MAX_QUEUE, ...); a flag beats the variable."""
+    from hidream.service.settings import ENV_NAMES, PARSERS
+
+    for name, parse in PARSERS.items():
+        if name == "worker":
+            continue
+        flag = "--" + ("model-aliases" if name == "aliases" else name.replace("_", "-"))
+        p.add_argument(flag, dest=f"svc_{name}", metavar=name.upper(), type=parse, help=f"({ENV_NAMES[name]})")
     if worker_flag:
-        p.add_argument("--no-worker", action="store_true", help="API only: no in-process worker")
+        p.add_argument("--no-worker", action="store_true", help="API only: no in-process worker (HIDREAM_WORKER=false)")
 
 
 def service_settings(args: argparse.Namespace):
-    from hidream.service.settings import load_settings
+    from hidream.service.settings import PARSERS, load_settings
 
-    overrides = {dest: getattr(args, f"svc_{dest}", None) for dest, _, _ in SERVICE_FLAGS.values()}
+    overrides = {name: getattr(args, f"svc_{name}", None) for name in PARSERS}
     if getattr(args, "no_worker", False):
         overrides["worker"] = False
     return load_settings(**overrides)

@@ -96,7 +96,7 @@ def _aliases(v: str) -> dict[str, str]:
     for pair in _tuple(v):
         alias, _, target = pair.partition("=")
         if not target:
-            raise ServiceError(f"HIDREAM_MODEL_ALIASES: {pair!r} is not alias=id")
+            raise ValueError(f"{pair!r} is not alias=id")
         out[alias.strip()] = target.strip()
     return out
 
