@@ -34,18 +34,25 @@ MODEL = "hidream-o1-image"
 BASE_URL = "http://127.0.0.1:8000"  # Settings' default base_url (host 127.0.0.1, port 8000)
 
 
-def png_bytes(size: tuple[int, int] = (32, 24), mode: str = "RGB", noise: bool = False) -> bytes:
-    """A PNG; `noise` makes it incompressible (so its byte size is about width*height*3)."""
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 24), mode: str = "RGB", noise: bool = False) -> bytes:
+    """An image in `fmt`; `noise` makes it incompressible (so a PNG's byte size is about width*height*3)."""
     if noise:
         img = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3))
     else:
         img = Image.new(mode, size, (200, 30, 60) if mode == "RGB" else 0)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format=fmt)
     return buf.getvalue()
 
 
+def png_bytes(size: tuple[int, int] = (32, 24), mode: str = "RGB", noise: bool = False) -> bytes:
+    """A PNG; `noise` makes it incompressible (so its byte size is about width*height*3)."""
+    return image_bytes("PNG", size, mode, noise)
+
+
 PNG = png_bytes()
+JPEG = image_bytes("JPEG")
+WEBP = image_bytes("WEBP")
 BIG_PNG = png_bytes((64, 64), noise=True)  # about 12 KiB
 
 
@@ -56,14 +63,23 @@ def bomb() -> bytes:
 
 
 class ImageServer:
-    """A threaded HTTP server on 127.0.0.1 that counts the requests it got, per path."""
+    """A threaded HTTP server on 127.0.0.1 that counts the requests it got, per path.
+
+    Routes: /ok.png, /ok.jpg, /ok.webp (32x24 images), /big.png (about 12 KiB of noise), /big (a PNG
+    followed by 5000 zero bytes), /bomb (64 MP), /truncated (half a PNG), /text, /missing (404),
+    /redirect-ok, /redirect-private, /redirect-loop, /redirect-loopback-name, and /slow (answers after
+    3 s, or as soon as `stop` is set); anything else is a 404.
+    """
 
     png = PNG  # what /ok.png serves
+    jpeg = JPEG  # what /ok.jpg serves
+    webp = WEBP  # what /ok.webp serves
     big_png = BIG_PNG  # what /big.png serves
 
     def __init__(self) -> None:
         self.hits: list[str] = []
         self.lock = threading.Lock()
+        self.stop = threading.Event()  # set when closing, so that /slow answers at once
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,13 +100,30 @@ class ImageServer:
                     srv.hits.append(self.path)
                 routes: dict[str, Callable[[], None]] = {
                     "/ok.png": lambda: self._send(200, PNG),
+                    "/ok.jpg": lambda: self._send(200, JPEG, "image/jpeg"),
+                    "/ok.webp": lambda: self._send(200, WEBP, "image/webp"),
                     "/big.png": lambda: self._send(200, BIG_PNG),
+                    "/big": lambda: self._send(200, PNG + b"\0" * 5000),
+                    "/bomb": lambda: self._send(200, bomb()),
+                    "/truncated": lambda: self._send(200, PNG[: len(PNG) // 2]),
                     "/text": lambda: self._send(200, b"hello, not an image", "text/plain"),
                     "/missing": lambda: self._send(404, b"nope", "text/plain"),
+                    "/redirect-ok": lambda: self._send(302, Location="/ok.png"),
                     "/redirect-private": lambda: self._send(302, Location="http://10.0.0.1/x.png"),
-                    "/bomb": lambda: self._send(200, bomb()),
+                    "/redirect-loop": lambda: self._send(302, Location="/redirect-loop"),
+                    "/redirect-loopback-name": lambda: self._send(
+                        302, Location=f"http://localhost:{srv.port}/ok.png"
+                    ),
+                    "/slow": self._slow,
                 }
                 routes.get(self.path, lambda: self._send(404, b"", "text/plain"))()
+
+            def _slow(self) -> None:
+                srv.stop.wait(3.0)
+                try:
+                    self._send(200, PNG)
+                except OSError:  # the client gave up (timed out) meanwhile
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -101,20 +134,29 @@ class ImageServer:
         return f"http://{host}:{self.port}{path}"
 
     def count(self) -> int:
+        """How many requests the server got so far (all paths)."""
         with self.lock:
             return len(self.hits)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        """Release /slow's waiting handlers, stop serving, close the socket."""
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
 
 
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
     srv = ImageServer()
-    srv.thread.start()
+    srv.start()
     try:
         yield srv
     finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        srv.thread.join(timeout=5)
+        srv.close()
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -32,6 +30,9 @@ from hidream.service.fetch import (
     _pinned_request,
 )
 
+if TYPE_CHECKING:  # the fixture's type (conftest is not imported: tests/ has two conftest modules)
+    from conftest import ImageServer
+
 FIELD = "reference_image_urls[1]"
 LOOPBACK_OK = FetchPolicy(timeout_s=2.0, allow_networks=("127.0.0.1/32",))
 
@@ -42,77 +43,7 @@ def _encode(fmt: str, size: tuple[int, int] = (32, 24), mode: str = "RGB") -> by
     return buf.getvalue()
 
 
-PNG, JPEG, WEBP = _encode("PNG"), _encode("JPEG"), _encode("WEBP")
-BOMB = _encode("PNG", (8000, 8000), mode="L")  # 64 Mpx of zeros, a few KiB compressed
-
-
-class _Server:
-    def __init__(self) -> None:
-        self.requests = 0
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes = b"", ctype: str = "image/png", **headers: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:  # noqa: N802
-                with server.lock:
-                    server.requests += 1
-                port = server.port
-                routes = {
-                    "/ok.png": lambda: self._send(200, PNG),
-                    "/ok.jpg": lambda: self._send(200, JPEG, "image/jpeg"),
-                    "/ok.webp": lambda: self._send(200, WEBP, "image/webp"),
-                    "/text": lambda: self._send(200, b"hello, not an image", "text/plain"),
-                    "/missing": lambda: self._send(404, b"nope", "text/plain"),
-                    "/big": lambda: self._send(200, PNG + b"\0" * 5000),
-                    "/bomb": lambda: self._send(200, BOMB),
-                    "/truncated": lambda: self._send(200, PNG[: len(PNG) // 2]),
-                    "/redirect-ok": lambda: self._send(302, Location="/ok.png"),
-                    "/redirect-private": lambda: self._send(302, Location="http://10.0.0.1/x.png"),
-                    "/redirect-loop": lambda: self._send(302, Location="/redirect-loop"),
-                    "/redirect-loopback-name": lambda: self._send(
-                        302, Location=f"http://localhost:{port}/ok.png"
-                    ),
-                }
-                if self.path == "/slow":
-                    server.stop.wait(3.0)
-                    try:
-                        self._send(200, PNG)
-                    except OSError:
-                        pass
-                    return
-                routes.get(self.path, lambda: self._send(404, b"", "text/plain"))()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[_Server]:
-    srv = _Server()
-    srv.thread.start()
-    yield srv
-    srv.stop.set()
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    srv.thread.join(timeout=5)
+PNG, WEBP = _encode("PNG"), _encode("WEBP")
 
 
 @pytest.fixture
@@ -148,35 +79,35 @@ def _rejected(url: str, policy: FetchPolicy = LOOPBACK_OK, resolver=None) -> str
 @pytest.mark.parametrize(("path", "fmt", "ctype"), [
     ("/ok.png", "PNG", "image/png"), ("/ok.jpg", "JPEG", "image/jpeg"), ("/ok.webp", "WEBP", "image/webp"),
 ])
-def test_fetch_allowed_loopback(server: _Server, path: str, fmt: str, ctype: str) -> None:
-    body = _fetch(server.url(path))
+def test_fetch_allowed_loopback(image_server: ImageServer, path: str, fmt: str, ctype: str) -> None:
+    body = _fetch(image_server.url(path))
     info = check_image(body, LOOPBACK_OK, FIELD)
     assert (info.format, info.width, info.height, info.content_type) == (fmt, 32, 24, ctype)
 
 
-def test_redirect_followed(server: _Server) -> None:
-    assert _fetch(server.url("/redirect-ok")) == PNG
+def test_redirect_followed(image_server: ImageServer) -> None:
+    assert _fetch(image_server.url("/redirect-ok")) == image_server.png
 
 
-def test_redirect_to_allowlisted_name(server: _Server) -> None:
+def test_redirect_to_allowlisted_name(image_server: ImageServer) -> None:
     # localhost resolves to loopback only; with loopback allow-listed, the redirect target is fine.
     policy = FetchPolicy(timeout_s=2.0, allow_networks=("127.0.0.1/32", "::1/128"))
-    assert _fetch(server.url("/redirect-loopback-name"), policy) == PNG
+    assert _fetch(image_server.url("/redirect-loopback-name"), policy) == image_server.png
 
 
 # --- address checks, before any connection ------------------------------------------------------
 
 
-def test_loopback_rejected_without_allowlist(server: _Server) -> None:
-    before = server.requests
-    message = _rejected(server.url("/ok.png"), FetchPolicy())
-    assert f"http://127.0.0.1:{server.port}/ok.png" in message
+def test_loopback_rejected_without_allowlist(image_server: ImageServer) -> None:
+    before = image_server.count()
+    message = _rejected(image_server.url("/ok.png"), FetchPolicy())
+    assert f"http://127.0.0.1:{image_server.port}/ok.png" in message
     assert "resolves to 127.0.0.1, a loopback address, which is not allowed" in message
-    message = _rejected(f"http://localhost:{server.port}/ok.png", FetchPolicy())
+    message = _rejected(f"http://localhost:{image_server.port}/ok.png", FetchPolicy())
     assert "loopback address" in message
-    message = _rejected(f"http://2130706433:{server.port}/ok.png", FetchPolicy())  # 127.0.0.1 as a number
+    message = _rejected(f"http://2130706433:{image_server.port}/ok.png", FetchPolicy())  # 127.0.0.1 as a number
     assert "loopback address" in message
-    assert server.requests == before
+    assert image_server.count() == before
 
 
 def test_resolver_answer_checked(no_connect: None) -> None:
@@ -234,50 +165,51 @@ def test_long_url_truncated_in_message(no_connect: None) -> None:
 # --- redirects ----------------------------------------------------------------------------------
 
 
-def test_redirect_target_rechecked(server: _Server) -> None:
-    message = _rejected(server.url("/redirect-private"))
+def test_redirect_target_rechecked(image_server: ImageServer) -> None:
+    message = _rejected(image_server.url("/redirect-private"))
     assert "redirected to http://10.0.0.1/x.png" in message
     assert "10.0.0.1, a private address, which is not allowed" in message
 
 
-def test_redirect_loop(server: _Server) -> None:
-    before = server.requests
-    assert "too many redirects" in _rejected(server.url("/redirect-loop"))
-    assert server.requests - before == 4  # the request and 3 redirects
+def test_redirect_loop(image_server: ImageServer) -> None:
+    before = image_server.count()
+    assert "too many redirects" in _rejected(image_server.url("/redirect-loop"))
+    assert image_server.count() - before == 4  # the request and 3 redirects
 
 
 # --- responses ----------------------------------------------------------------------------------
 
 
-def test_not_an_image(server: _Server) -> None:
-    message = _rejected(server.url("/text"))
-    assert server.url("/text") in message and "not a PNG, JPEG or WebP image" in message
+def test_not_an_image(image_server: ImageServer) -> None:
+    message = _rejected(image_server.url("/text"))
+    assert image_server.url("/text") in message and "not a PNG, JPEG or WebP image" in message
 
 
-def test_http_error_status(server: _Server) -> None:
-    assert _rejected(server.url("/missing")) == f"{FIELD}: {server.url('/missing')} returned HTTP 404"
+def test_http_error_status(image_server: ImageServer) -> None:
+    assert _rejected(image_server.url("/missing")) == f"{FIELD}: {image_server.url('/missing')} returned HTTP 404"
 
 
-def test_size_cap(server: _Server) -> None:
-    message = _rejected(server.url("/big"), FetchPolicy(timeout_s=2.0, max_bytes=len(PNG) + 100,
-                                                         allow_networks=("127.0.0.1/32",)))
-    assert f"over the {len(PNG) + 100}-byte limit" in message
+def test_size_cap(image_server: ImageServer) -> None:
+    cap = len(image_server.png) + 100  # /big serves that PNG and 5000 more bytes
+    message = _rejected(image_server.url("/big"), FetchPolicy(timeout_s=2.0, max_bytes=cap,
+                                                               allow_networks=("127.0.0.1/32",)))
+    assert f"over the {cap}-byte limit" in message
 
 
-def test_timeout(server: _Server) -> None:
-    message = _rejected(server.url("/slow"), FetchPolicy(timeout_s=0.5, allow_networks=("127.0.0.1/32",)))
-    assert server.url("/slow") in message and "timed out" in message
+def test_timeout(image_server: ImageServer) -> None:
+    message = _rejected(image_server.url("/slow"), FetchPolicy(timeout_s=0.5, allow_networks=("127.0.0.1/32",)))
+    assert image_server.url("/slow") in message and "timed out" in message
 
 
-def test_pixel_cap(server: _Server) -> None:
+def test_pixel_cap(image_server: ImageServer) -> None:
     policy = FetchPolicy(timeout_s=2.0, max_pixels=1_000_000, allow_networks=("127.0.0.1/32",))
-    message = _rejected(server.url("/bomb"), policy)
+    message = _rejected(image_server.url("/bomb"), policy)
     assert "8000x8000" in message and "over the 1000000-pixel limit" in message
 
 
-def test_truncated(server: _Server) -> None:
-    message = _rejected(server.url("/truncated"))
-    assert server.url("/truncated") in message and "could not be decoded" in message
+def test_truncated(image_server: ImageServer) -> None:
+    message = _rejected(image_server.url("/truncated"))
+    assert image_server.url("/truncated") in message and "could not be decoded" in message
 
 
 # --- request construction -----------------------------------------------------------------------
@@ -372,7 +304,7 @@ def test_is_public_address(address: str, public: bool) -> None:
 # --- the connected peer and TLS -----------------------------------------------------------------
 
 
-def test_connected_peer_is_checked(server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connected_peer_is_checked(image_server: ImageServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import hidream.service.fetch as fetch
 
     seen: list[object] = []
@@ -383,11 +315,12 @@ def test_connected_peer_is_checked(server: _Server, monkeypatch: pytest.MonkeyPa
         return seen[-1]
 
     monkeypatch.setattr(fetch, "_peer", spy)
-    assert _fetch(server.url("/ok.png")) == PNG
+    assert _fetch(image_server.url("/ok.png")) == image_server.png
     assert seen == [ipaddress.ip_address("127.0.0.1")]  # httpx exposes the peer, and it was checked
 
     monkeypatch.setattr(fetch, "_peer", lambda response: ipaddress.ip_address("10.9.9.9"))
-    assert "connected to 10.9.9.9, a private address, which is not allowed" in _rejected(server.url("/ok.png"))
+    message = _rejected(image_server.url("/ok.png"))
+    assert "connected to 10.9.9.9, a private address, which is not allowed" in message
 
 
 def _openssl(tmp: Path, *args: str) -> None:
@@ -395,8 +328,12 @@ def _openssl(tmp: Path, *args: str) -> None:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_https_connects_to_ip_but_verifies_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TLS server name and certificate check use the URL's host, although the socket goes to the IP."""
+def test_https_connects_to_ip_but_verifies_name(image_server: ImageServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TLS server name and certificate check use the URL's host, although the socket goes to the IP.
+
+    It serves over TLS, so it starts a second server of the shared one's class (and stops it).
+    """
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl(tmp_path, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca")
     _openssl(tmp_path, "req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=images.test")
@@ -404,12 +341,12 @@ def test_https_connects_to_ip_but_verifies_name(tmp_path: Path, monkeypatch: pyt
     _openssl(tmp_path, "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "srv.pem", "-days", "1", "-extfile", "ext")
     tls_names: list[str | None] = []
-    srv = _Server()
+    srv = type(image_server)()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
     context.sni_callback = lambda sock, name, ctx: tls_names.append(name)
     srv.httpd.socket = context.wrap_socket(srv.httpd.socket, server_side=True)
-    srv.thread.start()
+    srv.start()
     client_context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     real_init = httpx.AsyncClient.__init__
 
@@ -422,11 +359,9 @@ def test_https_connects_to_ip_but_verifies_name(tmp_path: Path, monkeypatch: pyt
         return ["127.0.0.1"]
 
     try:
-        assert _fetch(f"https://images.test:{srv.port}/ok.png", resolver=to_loopback) == PNG
+        assert _fetch(f"https://images.test:{srv.port}/ok.png", resolver=to_loopback) == srv.png
         assert tls_names == ["images.test"]
         message = _rejected(f"https://other.test:{srv.port}/ok.png", resolver=to_loopback)
         assert "could not be fetched" in message and "other.test" in message
     finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        srv.thread.join(timeout=5)
+        srv.close()
