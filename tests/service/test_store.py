@@ -1,4 +1,5 @@
-"""The store on SQLite: the tasks table as a queue (claim, leases, recovery), the usage ledger, keys, migrations."""
+"""The store on SQLite and PostgreSQL: the tasks table as a queue (claim, leases, recovery), the usage ledger,
+keys, migrations, and waking idle workers (LISTEN/NOTIFY). PostgreSQL runs when HIDREAM_TEST_POSTGRES_URL is set."""
 
 from __future__ import annotations
 
@@ -15,23 +16,23 @@ from alembic.migration import MigrationContext
 from sqlalchemy import delete, func, inspect, select, text, update
 
 from hidream.service.errors import TooManyRequests
-from hidream.service.store import Store, utcnow
+from hidream.service.store import Store, connect, utcnow
 from hidream.service.tables import api_keys, metadata, tasks, usage
+
+try:  # tests/service as a package or as a plain directory on sys.path
+    from .databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
+except ImportError:
+    from databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
 
 STATUSES = {"created", "processing", "completed", "failed"}
 PRICE = 44_000  # micro-USD per image
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/db.sqlite"
-
-
-@pytest.fixture
-def store(db_url: str):
-    s = Store.open(db_url)
+def store(store_url: str):
+    s = Store.open(store_url)
     yield s
-    s.engine.dispose()
+    s.close()
 
 
 @pytest.fixture
@@ -88,9 +89,9 @@ def test_claim_honours_models(store: Store, key: str) -> None:
     assert store.claim("w", ["a", "b"], 30)["id"] == ta
 
 
-def test_claim_concurrent_each_task_once(store: Store, key: str, db_url: str) -> None:
+def test_claim_concurrent_each_task_once(store: Store, key: str, store_url: str) -> None:
     ids = {submit(store, key) for _ in range(50)}
-    workers = [Store.open(db_url) for _ in range(4)]  # one engine each, as separate processes
+    workers = [Store.open(store_url) for _ in range(4)]  # one engine each, as separate processes
     got: dict[str, list[str]] = {f"w{i}": [] for i in range(4)}
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -109,7 +110,7 @@ def test_claim_concurrent_each_task_once(store: Store, key: str, db_url: str) ->
     for t in threads:
         t.join(timeout=30)
     for st in workers:
-        st.engine.dispose()
+        st.close()
     assert not errors, errors
     claimed = [tid for lst in got.values() for tid in lst]
     assert len(claimed) == len(set(claimed)) == 50 and set(claimed) == ids
@@ -261,9 +262,9 @@ def test_queue_cap(store: Store, key: str) -> None:
     assert store.queue_depth() == 2
 
 
-def test_queue_cap_concurrent(store: Store, key: str, db_url: str) -> None:
+def test_queue_cap_concurrent(store: Store, key: str, store_url: str) -> None:
     """Submits from several processes at once never overrun max_queue (count and insert are one step)."""
-    stores = [Store.open(db_url) for _ in range(8)]
+    stores = [Store.open(store_url) for _ in range(8)]
     try:
         for _ in range(3):
             with store.engine.begin() as conn:
@@ -285,7 +286,37 @@ def test_queue_cap_concurrent(store: Store, key: str, db_url: str) -> None:
             assert store.queue_depth() <= 2
     finally:
         for st in stores:
-            st.engine.dispose()
+            st.close()
+
+
+def test_concurrent_submits_never_exceed_max_queue(store_url: str) -> None:
+    """test_queue_limit.py's test on both databases: 16 threads of one process submit at once, 3 times."""
+    store = Store.open(store_url)
+    key, _ = store.create_key()
+    accepted, refused = [], []
+    barrier = threading.Barrier(16)
+
+    def submit() -> None:
+        barrier.wait()
+        try:
+            store.insert_task(key.id, "hidream-o1-image", {}, [], max_queue=5)
+            accepted.append(1)
+        except TooManyRequests as err:
+            assert err.retry_after > 0
+            refused.append(1)
+
+    try:
+        for _ in range(3):
+            store.engine.dispose()
+            threads = [threading.Thread(target=submit) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert len(accepted) == 5 and len(refused) == 43
+        assert store.queue_depth() == 5
+    finally:
+        store.close()
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -346,9 +377,10 @@ def test_keys_hashed_at_rest(store: Store) -> None:
         dump = conn.exec_driver_sql("SELECT * FROM api_keys").fetchall()
     assert row["key_hash"] == hashlib.sha256(token.encode()).hexdigest()
     assert all(token not in str(value) for r in dump for value in r)
-    db = Path(store.engine.url.database)
-    raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # the database, its WAL and shm
-    assert token[10:].encode() not in raw and row["key_hash"].encode() in raw
+    if not store.postgres:  # PostgreSQL's files are the server's, out of reach: the dump above covers it
+        db = Path(store.engine.url.database)
+        raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # the database, its WAL and shm
+        assert token[10:].encode() not in raw and row["key_hash"].encode() in raw
     assert row["prefix"] == k.prefix and token.startswith(k.prefix)
 
 
@@ -378,37 +410,41 @@ def test_schema_matches_tables(store: Store) -> None:
     assert names == {"api_keys", "tasks", "usage", "uploads", "alembic_version"}
 
 
-def test_open_twice_is_harmless(db_url: str) -> None:
-    first = Store.open(db_url)
+def test_open_twice_is_harmless(store_url: str) -> None:
+    first = Store.open(store_url)
     k, token = first.create_key()
     tid = submit(first, k.id)
-    first.engine.dispose()
-    second = Store.open(db_url)
+    first.close()
+    second = Store.open(store_url)
     try:
         assert second.key_for_token(token) == k.id and second.get_task(tid) is not None
         with second.engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
             assert conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 1
     finally:
-        second.engine.dispose()
+        second.close()
 
 
-def test_sqlite_pragmas(store: Store) -> None:
-    with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+def test_sqlite_pragmas(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()
 
 
 # --- the lifecycle as a state machine ---------------------------------------------------------------
 
 
-def test_lifecycle_state_machine(tmp_path: Path) -> None:
+def test_lifecycle_state_machine(store_url: str) -> None:
     """Random submit/claim/renew/complete/fail/release/expire sequences, checked against a model."""
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-    shared = Store.open(f"sqlite:///{tmp_path}/machine.sqlite")
+    shared = Store.open(store_url)
     key_id = shared.create_key("machine")[0].id
     workers = st.sampled_from(["w1", "w2", "w3"])
     model_sets = st.sampled_from([["m1"], ["m2"], ["m1", "m2"]])
@@ -513,4 +549,211 @@ def test_lifecycle_state_machine(tmp_path: Path) -> None:
             max_examples=40, stateful_step_count=25, deadline=None, database=None,
             suppress_health_check=list(hypothesis.HealthCheck)))
     finally:
-        shared.engine.dispose()
+        shared.close()
+
+
+# --- PostgreSQL specifics ---------------------------------------------------------------------------
+
+
+def test_postgresql_url_uses_psycopg3(postgres_url: str) -> None:
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    engine = connect(plain)
+    try:
+        assert engine.url.drivername == "postgresql+psycopg" and engine.dialect.driver == "psycopg"
+        assert engine.pool._pre_ping and engine.pool.size() == 10
+        with engine.connect() as conn:  # the query string (here: the test's search_path) is kept
+            assert conn.execute(text("SELECT current_schema()")).scalar().startswith("t_")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_store(postgres_url: str):
+    s = Store.open(postgres_url)
+    yield s
+    s.close()
+
+
+def test_claim_skips_rows_locked_by_another_claim(pg_store: Store) -> None:
+    """FOR UPDATE SKIP LOCKED: a claim in flight elsewhere does not block this one, nor hand out its task."""
+    store, key = pg_store, pg_store.create_key()[0].id
+    first, second = submit(store, key), submit(store, key)
+    set_created_at(store, second, utcnow() + timedelta(seconds=1))
+    with store.engine.connect() as other:  # another worker's claim, locked but not committed yet
+        other.execute(text("SET lock_timeout = '2s'"))
+        locked = other.execute(select(tasks.c.id).where(tasks.c.status == "created")
+                               .order_by(tasks.c.created_at).limit(1).with_for_update(skip_locked=True)).scalar()
+        assert locked == first
+        started = time.perf_counter()
+        assert store.claim("w2", ["m"], 30)["id"] == second
+        assert store.claim("w2", ["m"], 30) is None
+        assert time.perf_counter() - started < 1.0  # skipped, not waited for
+        other.rollback()
+    assert store.claim("w1", ["m"], 30)["id"] == first
+
+
+def test_submit_waits_for_the_queue_lock(pg_store: Store) -> None:
+    """The count-then-insert of a submit waits while another submit holds the lock (pg_advisory_xact_lock)."""
+    store, key = pg_store, pg_store.create_key()[0].id
+    done = threading.Event()
+    with store.engine.connect() as other:
+        other.execute(text("SELECT pg_advisory_xact_lock(7301)"))
+        thread = threading.Thread(target=lambda: (submit(store, key), done.set()))
+        thread.start()
+        assert not done.wait(0.3)  # blocked behind the lock
+        other.rollback()
+    thread.join(5)
+    assert done.is_set() and store.queue_depth() == 1
+
+
+# --- waking idle workers: wait_for_task -------------------------------------------------------------
+
+WAKE_BOUND_S = 0.1  # an idle worker must see a new task within this
+
+
+def wake_latency(waiter: Store, action, timeout_s: float = 5.0) -> float:
+    """Seconds from the start of `action`, run while a thread is blocked in waiter.wait_for_task, to its return."""
+    woke: list[float] = []
+    thread = threading.Thread(target=lambda: (waiter.wait_for_task(timeout_s), woke.append(time.perf_counter())))
+    thread.start()
+    time.sleep(0.2)
+    assert not woke, "wait_for_task returned before anything was queued"
+    started = time.perf_counter()
+    action()
+    thread.join(timeout_s + 1)
+    assert woke, "wait_for_task did not return"
+    return woke[0] - started
+
+
+def test_wait_for_task_times_out(store: Store) -> None:
+    store.wait_for_task(0.0)  # PostgreSQL: opens the LISTEN connection, returning at once
+    started = time.perf_counter()
+    store.wait_for_task(0.3)
+    assert 0.25 <= time.perf_counter() - started < 2.0
+
+
+def test_wait_for_task_sqlite_wakes_on_submit_in_this_process(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    try:
+        key = store.create_key()[0].id
+        latency = wake_latency(store, lambda: submit(store, key))
+        print(f"sqlite in-process wake-up: {latency * 1000:.1f} ms")
+        assert latency < WAKE_BOUND_S
+        submit(store, key)  # queued while nobody waits: the next wait returns at once (nothing is missed)
+        started = time.perf_counter()
+        store.wait_for_task(5.0)
+        assert time.perf_counter() - started < WAKE_BOUND_S
+        started = time.perf_counter()
+        store.wait_for_task(0.3)  # ... but only once
+        assert time.perf_counter() - started >= 0.25
+    finally:
+        store.close()
+
+
+def test_wait_for_task_postgres_wakes_on_notify_from_another_store(postgres_url: str) -> None:
+    """LISTEN/NOTIFY: a waiter wakes within WAKE_BOUND_S of a submit through another engine (another process)."""
+    waiter, submitter = Store.open(postgres_url), Store.open(postgres_url)
+    try:
+        key = submitter.create_key()[0].id
+        waiter.wait_for_task(0.0)  # opens the LISTEN connection
+        latencies = [wake_latency(waiter, lambda: submit(submitter, key)) for _ in range(3)]
+        print("postgresql NOTIFY wake-up: " + ", ".join(f"{x * 1000:.1f} ms" for x in latencies))
+        assert max(latencies) < WAKE_BOUND_S
+        for _ in range(3):  # several notifications, one wake-up: the rest are drained, not replayed
+            submit(submitter, key)
+        time.sleep(0.1)
+        waiter.wait_for_task(5.0)
+        started = time.perf_counter()
+        waiter.wait_for_task(0.3)
+        assert time.perf_counter() - started >= 0.25
+    finally:
+        waiter.close()
+        submitter.close()
+
+
+def test_requeues_notify_too(postgres_url: str) -> None:
+    """release() and recover_expired() put tasks back: they wake waiters; a recovery that requeues nothing does not."""
+    waiter, other = Store.open(postgres_url), Store.open(postgres_url)
+    try:
+        key = other.create_key()[0].id
+        tid = submit(other, key)
+        waiter.wait_for_task(0.0)
+        assert other.claim("w1", ["m"], 30)["id"] == tid
+        assert wake_latency(waiter, lambda: other.release(tid, "w1")) < WAKE_BOUND_S
+        assert other.claim("w1", ["m"], 30)["id"] == tid
+        expire_lease(other, tid)
+        assert wake_latency(waiter, lambda: other.recover_expired(3)) < WAKE_BOUND_S
+        started = time.perf_counter()
+        other.recover_expired(3)  # nothing expired
+        waiter.wait_for_task(0.3)
+        assert time.perf_counter() - started >= 0.25
+    finally:
+        waiter.close()
+        other.close()
+
+
+def test_listen_connection_is_reopened_after_a_drop(postgres_url: str) -> None:
+    waiter, other = Store.open(postgres_url), Store.open(postgres_url)
+    try:
+        key = other.create_key()[0].id
+        waiter.wait_for_task(0.0)
+        pid = waiter._listener.info.backend_pid
+        assert waiter._listener.info.get_parameters()["keepalives"] == "1"  # a silent drop is found too
+        with other.engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        started = time.perf_counter()
+        waiter.wait_for_task(5.0)  # notices the drop
+        waiter.wait_for_task(5.0)  # reopens (returns at once: what was sent meanwhile is lost)
+        assert time.perf_counter() - started < 1.0
+        assert waiter._listener.info.backend_pid != pid
+        assert wake_latency(waiter, lambda: submit(other, key)) < WAKE_BOUND_S
+    finally:
+        waiter.close()
+        other.close()
+
+
+def test_idle_worker_starts_a_new_task_promptly(store_url: str, tmp_path: Path) -> None:
+    """The worker's idle wait is wait_for_task: a task queued by another Store (PostgreSQL; on SQLite by
+    this process's Store, as in `serve`) starts within WAKE_BOUND_S, and stop() still ends the loop promptly."""
+    from hidream.service.settings import Settings
+    from hidream.service.storage import LocalStorage
+    from hidream.service.worker import Worker, WorkerState
+
+    class NoImages:
+        def generate(self, request, progress=None, should_cancel=None):
+            return type("Result", (), {"images": []})()
+
+    settings = Settings(home=tmp_path, database_url=store_url, lease_s=30)
+    store = Store.open(store_url)
+    submitter = Store.open(store_url) if store.postgres else store
+    worker = Worker(settings, store, LocalStorage(tmp_path / "files"), NoImages)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        key = submitter.create_key()[0].id
+        inp = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1, "guidance_scale": 1.0,
+               "output_format": "png", "seed": 1, "keep_original_aspect": False, "num_images": 1}
+        import hidream.engine.pipeline  # noqa: F401 - the worker imports it for its first task: do it now
+        thread.start()
+        lags = []
+        for _ in range(3):
+            time.sleep(0.3)  # idle, blocked in wait_for_task
+            assert worker.state is WorkerState.IDLE
+            tid = submitter.insert_task(key, settings.model_ids[0], inp, [], 100)["id"]
+            deadline = time.monotonic() + 5
+            while (row := store.get_task(tid))["status"] != "completed" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert row["status"] == "completed"
+            lags.append((row["started_at"] - row["created_at"]).total_seconds())
+        print(f"{store.engine.dialect.name}: worker start lag " + ", ".join(f"{x * 1000:.1f} ms" for x in lags))
+        assert max(lags) < WAKE_BOUND_S
+        time.sleep(0.3)
+        started = time.perf_counter()
+        worker.stop()
+        thread.join(5)
+        assert worker.state is WorkerState.STOPPED and time.perf_counter() - started < 1.5
+    finally:
+        worker.stop()
+        thread.join(5)
+        store.close()
+        if submitter is not store:
+            submitter.close()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +24,11 @@ from hidream.service.tables import api_keys, tasks, uploads, usage
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "hd-"
 ACTIVE = ("created", "processing")
+CHANNEL = "hidream_tasks"  # PostgreSQL NOTIFY channel: a task was queued (payload: its model)
+# The LISTEN connection waits without sending anything: TCP keepalives find a silently dead one in about 1 min.
+LISTEN_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+log = logging.getLogger("hidream.store")
 
 
 def utcnow() -> datetime:
@@ -55,6 +63,13 @@ def connect(url: str) -> Engine:
             cur.close()
 
         return engine
+    for scheme in ("postgresql://", "postgres://"):  # the plain scheme means psycopg 3 here, not psycopg2
+        if url.startswith(scheme):
+            url = "postgresql+psycopg://" + url.removeprefix(scheme)
+    if url.startswith("postgresql+psycopg://"):
+        # Short transactions need few connections; 20 at most per process (plus one LISTEN connection
+        # in a worker) keeps a few API processes and workers under the server's default max_connections (100).
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     return create_engine(url, pool_pre_ping=True)
 
 
@@ -81,12 +96,80 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self._queued = threading.Event()  # set when this Store queued a task (wakes waiters in this process)
+        self._listen_lock = threading.Lock()
+        self._listener: Any = None  # PostgreSQL: the psycopg connection that LISTENs on CHANNEL
 
     @classmethod
     def open(cls, url: str) -> Store:
         engine = connect(url)
         migrate(engine)
         return cls(engine)
+
+    def close(self) -> None:
+        """Close the LISTEN connection, if any, and the pool."""
+        with self._listen_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        self.engine.dispose()
+
+    # --- waking idle workers ----------------------------------------------------------------------
+
+    def _announce(self, conn: Connection, models: Iterable[str]) -> None:
+        """Within the transaction that queues tasks: NOTIFY (PostgreSQL sends it at commit)."""
+        if self.postgres:
+            for model in sorted(set(models)):
+                conn.execute(text("SELECT pg_notify(:channel, :model)"), {"channel": CHANNEL, "model": model})
+
+    def wait_for_task(self, timeout_s: float) -> None:
+        """Block until a task may have been queued, or `timeout_s` passed; then the caller claims again.
+
+        PostgreSQL: woken by the NOTIFY of any process, through a LISTEN connection kept for the
+        purpose. The call that (re)opens that connection returns at once: what was sent before it
+        listened is lost, so the caller must look. SQLite: woken only by this Store's own submits
+        (in-process `serve`); another process's tasks are found when the timeout ends.
+        Spurious returns are possible. With one waiting thread per Store (a worker), a task queued after
+        the caller's last claim is never missed: notifications that come while nobody waits are kept.
+        """
+        if not self.postgres:
+            if self._queued.wait(max(timeout_s, 0.0)):
+                self._queued.clear()
+            return
+        deadline = time.monotonic() + timeout_s
+        if not self._listen_lock.acquire(timeout=max(timeout_s, 0.0)):
+            return  # another thread of this process is listening; the caller polls
+        try:
+            self._wait_notify(deadline)
+        finally:
+            self._listen_lock.release()
+
+    def _wait_notify(self, deadline: float) -> None:
+        import psycopg
+
+        conn = self._listener
+        try:
+            if conn is None:
+                cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+                conn = psycopg.connect(*cargs, **(LISTEN_KEEPALIVES | cparams), autocommit=True)
+                self._listener = conn
+                conn.execute(f"LISTEN {CHANNEL}")
+                return
+            with closing(conn.notifies(timeout=max(deadline - time.monotonic(), 0.0), stop_after=1)) as got:
+                if next(got, None) is None:
+                    return
+            with closing(conn.notifies(timeout=0)) as rest:  # drain: one wake-up serves them all
+                for _ in rest:
+                    pass
+        except psycopg.Error as err:
+            if conn is None:  # cannot connect: wait out the timeout rather than spin
+                log.warning("store: cannot LISTEN for new tasks (%s); polling", err)
+                time.sleep(max(deadline - time.monotonic(), 0.0))
+            else:  # dropped: the next call opens a new one
+                log.warning("store: the LISTEN connection failed (%s); reopening it", err)
+                self._listener = None
+                conn.close()
 
     @contextmanager
     def _exclusive(self) -> Iterator[Connection]:
@@ -152,6 +235,8 @@ class Store:
             if depth >= max_queue:
                 raise TooManyRequests(f"queue full: {depth} tasks waiting or running; retry later", retry_after=10)
             conn.execute(insert(tasks).values(**row))
+            self._announce(conn, [model])
+        self._queued.set()
         return row | {"started_at": None, "completed_at": None, "lease_owner": None, "lease_expires_at": None,
                       "progress_step": None, "progress_total": None, "inference_ms": None}
 
@@ -235,10 +320,14 @@ class Store:
     def release(self, task_id: str, worker: str) -> bool:
         """Put a task back in the queue without counting the attempt (graceful shutdown)."""
         with self.engine.begin() as conn:
-            res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
+            model = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
                 status="created", lease_owner=None, lease_expires_at=None, attempts=tasks.c.attempts - 1,
-                started_at=None, progress_step=None, progress_total=None))
-        return res.rowcount == 1
+                started_at=None, progress_step=None, progress_total=None).returning(tasks.c.model)).scalar()
+            if model is None:
+                return False
+            self._announce(conn, [model])
+        self._queued.set()
+        return True
 
     def recover_expired(self, max_attempts: int) -> tuple[int, int]:
         """Tasks whose worker died (lease expired): back to the queue, or failed after `max_attempts`.
@@ -253,8 +342,11 @@ class Store:
                 error=f"the worker running this task stopped responding {max_attempts} times; giving up")).rowcount
             requeued = conn.execute(update(tasks).where(expired).values(
                 status="created", lease_owner=None, lease_expires_at=None, started_at=None,
-                progress_step=None, progress_total=None)).rowcount
-        return requeued, failed
+                progress_step=None, progress_total=None).returning(tasks.c.model)).scalars().all()
+            self._announce(conn, requeued)
+        if requeued:
+            self._queued.set()
+        return len(requeued), failed
 
     # --- usage and uploads ------------------------------------------------------------------------
 

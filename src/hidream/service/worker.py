@@ -110,7 +110,9 @@ class Worker:
             self.store.recover_expired(self.settings.max_attempts)
             task = self.store.claim(self.id, models, self.settings.lease_s)
             if task is None:
-                self.stop_event.wait(self.poll_s)
+                # The store wakes us when a task is queued (PostgreSQL: NOTIFY from any process; SQLite: a
+                # submit in this process), so on PostgreSQL a longer wait adds no latency; 1 s keeps stop() prompt.
+                self.store.wait_for_task(max(self.poll_s, 1.0) if self.store.postgres else self.poll_s)
                 continue
             self._to(WorkerState.RUNNING)
             try:
