@@ -290,7 +290,7 @@ def test_queue_cap_concurrent(store: Store, key: str, store_url: str) -> None:
 
 
 def test_concurrent_submits_never_exceed_max_queue(store_url: str) -> None:
-    """test_queue_limit.py's test on both databases: 16 threads of one process submit at once, 3 times."""
+    """16 threads of one process submit at once, 3 times: the count and the insert are one locked step."""
     store = Store.open(store_url)
     key, _ = store.create_key()
     accepted, refused = [], []
