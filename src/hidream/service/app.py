@@ -154,7 +154,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             mime = MIME[inp["output_format"]]
             outputs = [f"data:{mime};base64,{base64.b64encode(storage.get(k)).decode()}" for k in row["outputs"]]
         else:
-            outputs = [signer.url(k) for k in row["outputs"]]
+            outputs = [storage.public_url(k) or signer.url(k) for k in row["outputs"]]
         progress = None
         if row["status"] == "processing" and row["progress_total"]:
             progress = {"step": row["progress_step"] or 0, "total": row["progress_total"]}

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from hidream.service.settings import Settings
-from hidream.service.storage import LocalStorage
+from hidream.service.storage import open_storage
 from hidream.service.store import Store
 from hidream.service.worker import Worker
 
@@ -60,7 +60,7 @@ def serve(settings: Settings) -> int:
 
     setup_logging()
     store = open_store(settings)
-    storage = LocalStorage(settings.files_dir)
+    storage = open_storage(settings)  # an S3 bucket is checked here: a bad one stops start-up
     worker = Worker(settings, store, storage, engine_loader(settings)) if settings.worker else None
     app = create_app(settings, store, storage, worker)
     token = first_key(store)
@@ -78,7 +78,7 @@ def serve(settings: Settings) -> int:
 def run_worker(settings: Settings) -> int:
     setup_logging()
     store = open_store(settings)
-    worker = Worker(settings, store, LocalStorage(settings.files_dir), engine_loader(settings))
+    worker = Worker(settings, store, open_storage(settings), engine_loader(settings))
 
     def on_signal(signum, _frame) -> None:
         log.info("signal %s: finishing (the running task goes back to the queue)", signum)

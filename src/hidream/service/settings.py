@@ -35,6 +35,11 @@ class Settings:
     public_url: str | None = None  # default http://host:port
     database_url: str | None = None  # default sqlite under home
     storage_dir: Path | None = None  # default home/storage
+    storage_url: str | None = None  # s3://bucket/optional/prefix; None: the local directory (storage_dir)
+    s3_endpoint_url: str | None = None  # e.g. http://minio:9000; None: AWS S3
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None  # None (both): boto3's default credential chain
+    s3_secret_access_key: str | None = field(default=None, repr=False)  # kept out of logged reprs
     secret: str | None = None  # signs file URLs; default: generated once under home
     price_usd: float = 0.044
     max_body_bytes: int = 64 * 1024 * 1024
@@ -112,7 +117,8 @@ def _bool(v: str) -> bool:
 PARSERS: dict[str, Any] = {
     "home": Path, "model": str, "variant": str, "device": str, "dtype": str,
     "model_ids": _tuple, "aliases": _aliases, "host": str, "port": int, "public_url": str,
-    "database_url": str, "storage_dir": Path, "secret": str, "price_usd": float,
+    "database_url": str, "storage_dir": Path, "storage_url": str, "s3_endpoint_url": str, "s3_region": str,
+    "s3_access_key_id": str, "s3_secret_access_key": str, "secret": str, "price_usd": float,
     "max_body_bytes": int, "max_upload_bytes": int, "max_upload_pixels": int, "max_queue": int,
     "sync_timeout_s": float, "lease_s": float, "max_attempts": int, "url_ttl_s": int,
     "fetch_timeout_s": float, "fetch_allow": _tuple, "worker": _bool,
