@@ -1,4 +1,4 @@
-"""The `hidream` command: generate | demo-model | bench."""
+"""The `hidream` command: generate | serve | worker | keys | status | demo-model | bench."""
 
 from __future__ import annotations
 
@@ -160,6 +160,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return keys_command(service_settings(args), args.action, args.name, args.key)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from hidream.service.status import status_command
+
+    return status_command(service_settings(args), args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidream", description="HiDream-O1-Image engine and service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--name", help="with create: a label for the key")
     add_service_args(k, worker_flag=False)
     k.set_defaults(func=cmd_keys)
+
+    st = sub.add_parser("status", help="queue depth, running tasks, workers and throughput, from the database")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_service_args(st, worker_flag=False)
+    st.set_defaults(func=cmd_status)
 
     d = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
     d.add_argument("directory")

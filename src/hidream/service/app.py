@@ -332,12 +332,26 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         return Response(data, media_type=MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"),
                         headers={"Cache-Control": "private, max-age=3600"})
 
+    @app.get("/livez", include_in_schema=False)
+    async def livez():
+        """200 while the process serves requests; it checks nothing else (a liveness probe)."""
+        return envelope({"alive": True})
+
+    @app.get("/readyz", include_in_schema=False)
     @app.get("/healthz", include_in_schema=False)
-    def healthz():
-        """200 while the service can do its job; 503 when its in-process worker has no model."""
+    def readyz():
+        """200 when the database answers and the in-process worker, if any, has its model; else 503 naming why."""
+        state = worker.state.value if worker else None
         if worker is not None and worker.load_error is not None:
-            raise Unavailable(f"no model loaded: {worker.load_error}")
-        return envelope({"worker": worker.state.value if worker else None})
+            return envelope({"ready": False, "worker": state}, 503, f"no model loaded: {worker.load_error}")
+        try:
+            store.ping()
+        except Exception as err:
+            log.warning("readiness: the database does not answer (%s)", err)
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            return envelope({"ready": False, "worker": state}, 503,
+                            f"database unreachable: {type(err).__name__}: {reason}")
+        return envelope({"ready": True, "worker": state})
 
     def openapi() -> dict[str, Any]:
         """The generated schema, less FastAPI's 422 responses: validation failures here are 400s."""

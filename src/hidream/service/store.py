@@ -16,10 +16,24 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, and_, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from hidream.service.errors import TooManyRequests
-from hidream.service.tables import api_keys, tasks, uploads, usage
+from hidream.service.tables import api_keys, tasks, uploads, usage, workers
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "hd-"
@@ -372,3 +386,85 @@ class Store:
     def upload_owner(self, blob: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(select(uploads.c.key_id).where(uploads.c.blob == blob)).scalar()
+
+    # --- workers and the service's status -------------------------------------------------------
+
+    def ping(self) -> None:
+        """A trivial query: raises if the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1")).scalar_one()
+
+    def register_worker(self, id: str, host: str, pid: int, models: list[str], device: str) -> None:
+        """Advertise a worker (its model is loaded) as idle; registering an id again replaces its row."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(delete(workers).where(workers.c.id == id))
+            conn.execute(insert(workers).values(
+                id=id, host=host, pid=pid, models=list(models), device=device, state="idle",
+                started_at=now, heartbeat_at=now, current_task=None))
+
+    def worker_heartbeat(self, id: str, state: str, current_task: str | None) -> bool:
+        """A worker's sign of life, with its state and task; False when it is not registered (any more)."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(workers).where(workers.c.id == id).values(
+                state=state, current_task=current_task, heartbeat_at=utcnow()))
+        return res.rowcount == 1
+
+    def remove_worker(self, id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(workers).where(workers.c.id == id)).rowcount == 1
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        """Every registered worker, the oldest registration first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(workers).order_by(workers.c.started_at, workers.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def status(self, stale_after_s: float) -> dict[str, Any]:
+        """The service at a glance, read in one transaction.
+
+        `queue`: waiting tasks per model; `running`: tasks being processed, with progress; `workers`: each
+        registered worker, `alive` when its last heartbeat is under `stale_after_s` old; `throughput`:
+        tasks completed and failed in the last 1, 5 and 15 minutes; `stuck`: models with waiting tasks
+        that no live worker (alive, not stopping) serves, which is why those tasks wait.
+        """
+        now = utcnow()
+        windows = {"1m": 1, "5m": 5, "15m": 15}
+        since = {name: now - timedelta(minutes=m) for name, m in windows.items()}
+        finished = tasks.c.status.in_(("completed", "failed"))
+        counts = [func.coalesce(func.sum(case((tasks.c.completed_at >= since[name], 1), else_=0)), 0)
+                  for name in windows]
+        with self.engine.connect() as conn:
+            queue = conn.execute(select(tasks.c.model, func.count()).where(tasks.c.status == "created")
+                                 .group_by(tasks.c.model).order_by(tasks.c.model)).all()
+            running = conn.execute(
+                select(tasks.c.id, tasks.c.model, tasks.c.lease_owner, tasks.c.progress_step,
+                       tasks.c.progress_total, tasks.c.started_at)
+                .where(tasks.c.status == "processing").order_by(tasks.c.started_at, tasks.c.id)).mappings().all()
+            done = conn.execute(select(tasks.c.status, *counts)
+                                .where(finished, tasks.c.completed_at >= since["15m"])
+                                .group_by(tasks.c.status)).all()
+            rows = conn.execute(select(workers).order_by(workers.c.started_at, workers.c.id)).mappings().all()
+
+        def age(at: datetime | None) -> float | None:
+            return None if at is None else max((now - at).total_seconds(), 0.0)
+
+        worker_list = [dict(r) | {"heartbeat_age_s": age(r["heartbeat_at"]),
+                                  "alive": age(r["heartbeat_at"]) <= stale_after_s} for r in rows]
+        throughput = {name: {"completed": 0, "failed": 0} for name in windows}
+        for status, *n in done:
+            for name, count in zip(windows, n, strict=True):
+                throughput[name][status] = int(count)
+        served = {m for w in worker_list if w["alive"] and w["state"] not in ("stopping", "stopped")
+                  for m in w["models"]}
+        return {
+            "now": now,
+            "stale_after_s": stale_after_s,
+            "queue": {model: n for model, n in queue},
+            "running": [{"id": r["id"], "model": r["model"], "worker": r["lease_owner"],
+                         "step": r["progress_step"], "total": r["progress_total"],
+                         "started_at": r["started_at"], "running_s": age(r["started_at"])} for r in running],
+            "workers": worker_list,
+            "throughput": throughput,
+            "stuck": [{"model": model, "tasks": n} for model, n in queue if model not in served],
+        }

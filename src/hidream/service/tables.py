@@ -73,3 +73,16 @@ uploads = Table(
     Column("size", Integer, nullable=False),
     Column("created_at", DateTime, nullable=False),
 )
+
+workers = Table(
+    "workers", metadata,
+    Column("id", String(200), primary_key=True),  # Worker.id: host:pid:random
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("models", JSON, nullable=False),  # the model ids it claims tasks for
+    Column("device", String(100), nullable=False),  # e.g. cuda:0, cpu; "unknown" when the engine does not say
+    Column("state", String(16), nullable=False),  # WorkerState's value: idle | running | stopping | ...
+    Column("started_at", DateTime, nullable=False),  # when it registered (its model loaded)
+    Column("heartbeat_at", DateTime, nullable=False),  # last sign of life; old means the worker is gone
+    Column("current_task", String(32)),  # the task it runs, if any
+)

@@ -51,6 +51,11 @@ class ShutdownRequested(Exception):
     pass
 
 
+def heartbeat_interval_s(lease_s: float) -> float:
+    """How often a worker advertises itself in the workers table (a few beats per lease, 1 s at least)."""
+    return max(1.0, lease_s / 3)
+
+
 def encode_image(image: Image.Image, fmt: str) -> bytes:
     """The image in `fmt`, with no metadata beyond what the format needs."""
     name, options = FORMATS[fmt]
@@ -84,11 +89,16 @@ class Worker:
         self.stop_event = threading.Event()
         self.engine: EngineLike | None = None
         self.load_error: str | None = None  # why the model could not be loaded, if it could not
+        self.current_task: str | None = None  # the id of the task it runs, if any
+        self._beat_wake = threading.Event()  # set on each state change: the heartbeat reports it at once
+        self._beat_done = threading.Event()
+        self._beat_thread: threading.Thread | None = None
 
     def _to(self, state: WorkerState) -> None:
         if state not in _ALLOWED[self.state]:
             raise RuntimeError(f"worker: illegal transition {self.state.value} -> {state.value}")
         self.state = state
+        self._beat_wake.set()
 
     def stop(self) -> None:
         """Ask the loop to end: a running task stops at its next step and goes back to the queue."""
@@ -106,6 +116,7 @@ class Worker:
         self._to(WorkerState.IDLE)
         models = list(self.settings.model_ids)
         log.info("worker %s: ready for %s", self.id, ", ".join(models))
+        self._start_heartbeat()
         while not self.stop_event.is_set():
             self.store.recover_expired(self.settings.max_attempts)
             task = self.store.claim(self.id, models, self.settings.lease_s)
@@ -114,14 +125,56 @@ class Worker:
                 # submit in this process), so on PostgreSQL a longer wait adds no latency; 1 s keeps stop() prompt.
                 self.store.wait_for_task(max(self.poll_s, 1.0) if self.store.postgres else self.poll_s)
                 continue
+            self.current_task = task["id"]
             self._to(WorkerState.RUNNING)
             try:
                 self.process(task)
             finally:
+                self.current_task = None
                 if self.state is WorkerState.RUNNING:
                     self._to(WorkerState.IDLE)
         self._to(WorkerState.STOPPING)
+        self._stop_heartbeat()
         self._to(WorkerState.STOPPED)
+
+    def _register(self) -> None:
+        device = getattr(self.engine, "device", None)
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid(), list(self.settings.model_ids),
+                                   str(device) if device is not None else "unknown")
+
+    def _start_heartbeat(self) -> None:
+        """Register in the workers table, then beat (state, current task) until stopped or run() ends."""
+        self._register()
+        runner = threading.current_thread()
+        interval = heartbeat_interval_s(self.settings.lease_s)
+
+        def beat() -> None:
+            while True:
+                self._beat_wake.wait(interval)
+                self._beat_wake.clear()
+                # A run() that ended by an exception beats no more: its row goes stale, as a killed process's does.
+                if self._beat_done.is_set() or not runner.is_alive():
+                    return
+                try:
+                    if not self.store.worker_heartbeat(self.id, self.state.value, self.current_task):
+                        self._register()  # the row was removed (by hand, or a clean-up): advertise again
+                        self.store.worker_heartbeat(self.id, self.state.value, self.current_task)
+                except Exception as err:  # the database may be back at the next beat
+                    log.warning("worker %s: heartbeat failed (%s)", self.id, err)
+
+        self._beat_thread = threading.Thread(target=beat, name=f"heartbeat-{self.id}", daemon=True)
+        self._beat_thread.start()
+
+    def _stop_heartbeat(self) -> None:
+        """End the heartbeat and leave the workers table."""
+        self._beat_done.set()
+        self._beat_wake.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join()
+        try:
+            self.store.remove_worker(self.id)
+        except Exception as err:
+            log.warning("worker %s: could not remove its row from the workers table (%s)", self.id, err)
 
     def process(self, task: dict[str, Any]) -> None:
         """Run one claimed task to `completed` or `failed` (or back to the queue on shutdown)."""
