@@ -9,14 +9,11 @@ from pathlib import Path
 
 from hidream.engine.errors import HiDreamError, InvalidRequestError
 from hidream.service.errors import ServiceError
+from hidream.service.settings import default_home
 from hidream.sizes import SIZE_PRESETS, parse_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 DEMO_SIZE = "512x512"
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("HIDREAM_HOME") or Path.home() / ".cache" / "hidream")
 
 
 def demo_checkpoint() -> Path:

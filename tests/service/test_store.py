@@ -757,3 +757,27 @@ def test_idle_worker_starts_a_new_task_promptly(store_url: str, tmp_path: Path) 
         store.close()
         if submitter is not store:
             submitter.close()
+
+
+def test_first_key_is_created_once_even_by_concurrent_starts(store_url: str) -> None:
+    stores = [Store.open(store_url) for _ in range(4)]
+    tokens: list[str | None] = []
+    barrier = threading.Barrier(4)
+
+    def start(store: Store) -> None:
+        barrier.wait()
+        tokens.append(store.create_first_key())
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        created = [t for t in tokens if t is not None]
+        assert len(created) == 1 and stores[0].count_keys() == 1
+        assert stores[0].key_for_token(created[0]) is not None
+        assert stores[1].create_first_key() is None  # a later start creates none
+    finally:
+        for s in stores:
+            s.close()

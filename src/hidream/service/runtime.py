@@ -45,14 +45,6 @@ def open_store(settings: Settings) -> Store:
     return Store.open(settings.db_url)
 
 
-def first_key(store: Store) -> str | None:
-    """On a first start with no keys, create one; the caller prints it once."""
-    if store.count_keys() == 0:
-        _, token = store.create_key("first key")
-        return token
-    return None
-
-
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -63,7 +55,7 @@ def serve(settings: Settings) -> int:
     storage = open_storage(settings)  # an S3 bucket is checked here: a bad one stops start-up
     worker = Worker(settings, store, storage, engine_loader(settings)) if settings.worker else None
     app = create_app(settings, store, storage, worker)
-    token = first_key(store)
+    token = store.create_first_key()  # on a first start; printed once
     print(f"HiDream O1 image API on {settings.base_url}  (models: {', '.join(settings.model_ids)})", flush=True)
     if not settings.model:
         print("note: serving the demo checkpoint (random weights: images are noise); set HIDREAM_MODEL or "

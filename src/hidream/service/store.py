@@ -92,6 +92,9 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Processes starting together on a new database take turns: the later ones find it at head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7302)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -214,6 +217,16 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(insert(api_keys).values(**row))
         return ApiKey(row["id"], name, row["prefix"], row["created_at"], None), token
+
+    def create_first_key(self) -> str | None:
+        """A key named "first key" if there is no key at all (one, even with several processes starting)."""
+        token = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._exclusive() as conn:
+            if conn.execute(select(func.count()).select_from(api_keys)).scalar_one():
+                return None
+            conn.execute(insert(api_keys).values(id=new_id(), name="first key", key_hash=hash_key(token),
+                                                 prefix=token[:10], created_at=utcnow(), revoked_at=None))
+        return token
 
     def list_keys(self) -> list[ApiKey]:
         with self.engine.connect() as conn:
