@@ -6,8 +6,10 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+from hidream.service.errors import ServiceError
 from hidream.service.settings import Settings
 from hidream.service.storage import open_storage
 from hidream.service.store import Store
@@ -41,8 +43,23 @@ def setup_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def open_store(settings: Settings) -> Store:
-    return Store.open(settings.db_url)
+def open_store(settings: Settings, wait_s: float = 60.0) -> Store:
+    """The store, retrying with backoff while the database is not reachable yet (it may be starting)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    deadline, delay = time.monotonic() + wait_s, 0.5
+    while True:
+        try:
+            return Store.open(settings.db_url)
+        except OperationalError as err:
+            reason = str(err.orig or err).splitlines()[0][:300]
+            if time.monotonic() + delay > deadline:
+                shown = make_url(settings.db_url).render_as_string(hide_password=True)
+                raise ServiceError(f"HIDREAM_DATABASE_URL: cannot connect to {shown} ({reason})") from err
+            log.warning("database not reachable yet (%s); retrying in %.1f s", reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def serve(settings: Settings) -> int:

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
@@ -20,6 +21,7 @@ from hidream.service.store import Store
 
 log = logging.getLogger("hidream.worker")
 
+DB_RETRY_FIRST_S, DB_RETRY_MAX_S = 0.5, 30.0  # backoff while the database is unreachable
 FORMATS = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
 
 
@@ -117,25 +119,39 @@ class Worker:
         models = list(self.settings.model_ids)
         log.info("worker %s: ready for %s", self.id, ", ".join(models))
         self._start_heartbeat()
+        backoff = DB_RETRY_FIRST_S
         while not self.stop_event.is_set():
-            self.store.recover_expired(self.settings.max_attempts)
-            task = self.store.claim(self.id, models, self.settings.lease_s)
-            if task is None:
-                # The store wakes us when a task is queued (PostgreSQL: NOTIFY from any process; SQLite: a
-                # submit in this process), so on PostgreSQL a longer wait adds no latency; 1 s keeps stop() prompt.
-                self.store.wait_for_task(max(self.poll_s, 1.0) if self.store.postgres else self.poll_s)
-                continue
-            self.current_task = task["id"]
-            self._to(WorkerState.RUNNING)
             try:
-                self.process(task)
-            finally:
-                self.current_task = None
-                if self.state is WorkerState.RUNNING:
-                    self._to(WorkerState.IDLE)
+                self._serve_one(models)
+                backoff = DB_RETRY_FIRST_S
+            except SQLAlchemyError as err:
+                # The database is down or unreachable: wait and try again; a task we held keeps its
+                # lease until it expires, then any worker retries it, so nothing is lost.
+                log.warning("worker %s: database unavailable (%s); retrying in %.1f s", self.id,
+                            str(err).splitlines()[0][:200], backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, DB_RETRY_MAX_S)
         self._to(WorkerState.STOPPING)
         self._stop_heartbeat()
         self._to(WorkerState.STOPPED)
+
+    def _serve_one(self, models: list[str]) -> None:
+        """Recover expired leases, then run one task or wait for one to be queued."""
+        self.store.recover_expired(self.settings.max_attempts)
+        task = self.store.claim(self.id, models, self.settings.lease_s)
+        if task is None:
+            # The store wakes us when a task is queued (PostgreSQL: NOTIFY from any process; SQLite: a
+            # submit in this process), so on PostgreSQL a longer wait adds no latency; 1 s keeps stop() prompt.
+            self.store.wait_for_task(max(self.poll_s, 1.0) if self.store.postgres else self.poll_s)
+            return
+        self.current_task = task["id"]
+        self._to(WorkerState.RUNNING)
+        try:
+            self.process(task)
+        finally:
+            self.current_task = None
+            if self.state is WorkerState.RUNNING:
+                self._to(WorkerState.IDLE)
 
     def _register(self) -> None:
         device = getattr(self.engine, "device", None)
