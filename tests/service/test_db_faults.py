@@ -64,3 +64,24 @@ def test_worker_keeps_going_while_the_database_is_away(tmp_path: Path, monkeypat
     assert len(failures) == 2
     assert store.get_task(tid)["status"] == "completed" and store.charges(tid) == 2
     assert worker.state is WorkerState.STOPPED
+
+
+def test_api_answers_503_while_the_database_is_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from hidream.service.app import create_app
+
+    settings = Settings(home=tmp_path)
+    store = Store.open(settings.db_url)
+    _, token = store.create_key()
+    client = TestClient(create_app(settings, store, LocalStorage(settings.files_dir)), raise_server_exceptions=False)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/v1/usage", headers=headers).status_code == 200
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT", {}, Exception("could not connect to server"))
+
+    monkeypatch.setattr(store, "key_for_token", down)
+    r = client.get("/api/v1/usage", headers=headers)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json() == {"code": 503, "message": "the database is unavailable; retry shortly", "data": None}

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException
 from fastapi.concurrency import run_in_threadpool
@@ -129,6 +130,13 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, err: StarletteHTTPException):
         return envelope(None, err.status_code, str(err.detail))
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_req: Request, err: OperationalError):
+        log.warning("database unavailable: %s", str(err.orig or err).splitlines()[0][:200])
+        resp = envelope(None, 503, "the database is unavailable; retry shortly")
+        resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, err: Exception):
