@@ -781,3 +781,21 @@ def test_first_key_is_created_once_even_by_concurrent_starts(store_url: str) -> 
     finally:
         for s in stores:
             s.close()
+
+
+def _open_store(url: str) -> None:
+    Store.open(url).close()
+
+
+def test_processes_starting_together_on_a_new_sqlite_database_all_succeed(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(3):
+        url = f"sqlite:///{tmp_path}/new-{trial}.sqlite"
+        procs = [ctx.Process(target=_open_store, args=(url,)) for _ in range(5)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 5

@@ -92,6 +92,7 @@ class Worker:
         self.engine: EngineLike | None = None
         self.load_error: str | None = None  # why the model could not be loaded, if it could not
         self.current_task: str | None = None  # the id of the task it runs, if any
+        self._recovered_at = float("-inf")  # when it last put expired tasks back in the queue
         self._beat_wake = threading.Event()  # set on each state change: the heartbeat reports it at once
         self._beat_done = threading.Event()
         self._beat_thread: threading.Thread | None = None
@@ -136,8 +137,10 @@ class Worker:
         self._to(WorkerState.STOPPED)
 
     def _serve_one(self, models: list[str]) -> None:
-        """Recover expired leases, then run one task or wait for one to be queued."""
-        self.store.recover_expired(self.settings.max_attempts)
+        """Recover expired leases (every half lease at most), then run one task or wait for one to be queued."""
+        if time.monotonic() - self._recovered_at >= self.settings.lease_s / 2:
+            self.store.recover_expired(self.settings.max_attempts)
+            self._recovered_at = time.monotonic()
         task = self.store.claim(self.id, models, self.settings.lease_s)
         if task is None:
             # The store wakes us when a task is queued (PostgreSQL: NOTIFY from any process; SQLite: a
