@@ -63,3 +63,19 @@ def postgres_url() -> Iterator[str]:
 def store_url(request: pytest.FixtureRequest) -> str:
     """A database URL for the store, once per backend: an SQLite file, or a PostgreSQL schema."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+
+
+@pytest.fixture
+def store(store_url: str):
+    """A migrated Store on the parametrized database, closed afterwards."""
+    from hidream.service.store import Store
+
+    s = Store.open(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def key(store) -> str:
+    """The id of a fresh API key in `store`."""
+    return store.create_key("test")[0].id

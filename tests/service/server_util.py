@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 KEY_LINE = re.compile(r"created the first API key \(shown once, keep it\): (hd-\S+)")
 TERMINAL = ("completed", "failed")
@@ -162,6 +163,8 @@ class Processes:
     def stop_all(self) -> None:
         for proc in self.procs:
             try:
+                if proc.popen.poll() is None:
+                    proc.popen.send_signal(signal.SIGCONT)  # a test may have frozen it with SIGSTOP
                 proc.stop()
             except Exception:  # keep going: every process must be stopped
                 if proc.popen.poll() is None:
@@ -202,3 +205,13 @@ def parse_ts(value: str) -> datetime:
     """An API timestamp: ISO 8601, UTC, with a Z."""
     assert isinstance(value, str) and value.endswith("Z"), value
     return datetime.fromisoformat(value)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Processes a test starts; all stopped when it ends, whatever happened."""
+    p = Processes(tmp_path / "logs")
+    try:
+        yield p
+    finally:
+        p.stop_all()

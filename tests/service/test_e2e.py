@@ -206,14 +206,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Pat
         procs.stop_all()
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    """Processes this test starts; all stopped when it ends, whatever happened."""
-    p = su.Processes(tmp_path / "logs")
-    try:
-        yield p
-    finally:
-        p.stop_all()
+procs = su.procs  # the fixture: processes stopped when the test ends
 
 
 # --- 1. submit, poll, download ------------------------------------------------------------------------------

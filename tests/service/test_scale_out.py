@@ -15,7 +15,6 @@ fixture finalizers, before the schema is dropped and the moto server stops.
 from __future__ import annotations
 
 import io
-import os
 import secrets
 import signal
 import time
@@ -70,16 +69,7 @@ class Cluster:
         return [su.client(api.base_url, self.key) for api in self.apis]
 
 
-@pytest.fixture
-def procs(tmp_path: Path):
-    """Processes this test starts; all stopped when it ends (SIGCONT first: one may be stopped)."""
-    p = su.Processes(tmp_path / "logs")
-    try:
-        yield p
-    finally:
-        for proc in p.procs:
-            proc.signal(signal.SIGCONT)
-        p.stop_all()
+procs = su.procs  # the fixture: processes stopped when the test ends
 
 
 @pytest.fixture

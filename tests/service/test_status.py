@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,25 +31,14 @@ from hidream.service.tables import metadata, tasks, workers
 from hidream.service.worker import Worker, WorkerState, heartbeat_interval_s
 
 try:  # tests/service as a package or as a plain directory on sys.path
-    from .databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
+    from .databases import key, postgres_url, sqlite_url, store, store_url  # noqa: F401 - fixtures
     from .test_worker import INPUT, SolidEngine
 except ImportError:
-    from databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
+    from databases import key, postgres_url, sqlite_url, store, store_url  # noqa: F401 - fixtures
     from test_worker import INPUT, SolidEngine
 
 MODEL = "hidream-o1-image"
 
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = Store.open(store_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def key(store: Store) -> str:
-    return store.create_key("test")[0].id
 
 
 def submit(store: Store, key: str, model: str) -> str:

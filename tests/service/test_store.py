@@ -20,24 +20,13 @@ from hidream.service.store import Store, connect, utcnow
 from hidream.service.tables import api_keys, metadata, tasks, usage
 
 try:  # tests/service as a package or as a plain directory on sys.path
-    from .databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
+    from .databases import key, postgres_url, sqlite_url, store, store_url  # noqa: F401 - fixtures
 except ImportError:
-    from databases import postgres_url, sqlite_url, store_url  # noqa: F401 - fixtures
+    from databases import key, postgres_url, sqlite_url, store, store_url  # noqa: F401 - fixtures
 
 STATUSES = {"created", "processing", "completed", "failed"}
 PRICE = 44_000  # micro-USD per image
 
-
-@pytest.fixture
-def store(store_url: str):
-    s = Store.open(store_url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def key(store: Store) -> str:
-    return store.create_key("test")[0].id
 
 
 def submit(store: Store, key: str, model: str = "m", n: int = 1, max_queue: int = 10_000) -> str:
