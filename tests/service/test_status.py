@@ -61,7 +61,7 @@ def set_completed_at(store: Store, task_id: str, at: datetime) -> None:
 def test_the_workers_migration_matches_the_tables(store: Store) -> None:
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
     assert diff == []
     assert "workers" in inspect(store.engine).get_table_names()
     columns = {c["name"]: c["nullable"] for c in inspect(store.engine).get_columns("workers")}

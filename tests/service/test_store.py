@@ -396,7 +396,8 @@ def test_schema_matches_tables(store: Store) -> None:
         diff = compare_metadata(ctx, metadata)
     assert diff == []
     names = set(inspect(store.engine).get_table_names())
-    assert names == {"api_keys", "tasks", "usage", "uploads", "workers", "alembic_version"}
+    assert names == {"api_keys", "tasks", "usage", "uploads", "workers", "webhook_attempts", "idempotency_keys",
+                     "alembic_version"}
 
 
 def test_open_twice_is_harmless(store_url: str) -> None:
@@ -408,7 +409,7 @@ def test_open_twice_is_harmless(store_url: str) -> None:
     try:
         assert second.key_for_token(token) == k.id and second.get_task(tid) is not None
         with second.engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
             assert conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 1
     finally:
         second.close()

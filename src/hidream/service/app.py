@@ -7,6 +7,7 @@ import secrets
 import threading
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -17,7 +18,8 @@ from starlette.formparsers import MultiPartException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,6 +44,7 @@ log = logging.getLogger("hidream.api")
 EXTENSIONS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 KEEP_ASPECT_SIDE = 2048
+STATIC = Path(__file__).parent / "static"  # the web playground: plain files, no build step
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -339,6 +342,13 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         data = storage.get(key)
         return Response(data, media_type=MIME.get(key.rsplit(".", 1)[-1], "application/octet-stream"),
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def playground():
+        """The web playground (static files in the package)."""
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/livez", include_in_schema=False)
     async def livez():

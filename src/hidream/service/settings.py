@@ -53,6 +53,13 @@ class Settings:
     fetch_timeout_s: float = 10.0
     fetch_allow: tuple[str, ...] = ()
     worker: bool = True  # `serve` runs an in-process worker
+    rate_per_minute: int = 0  # submits per API key per rolling minute (0: no limit); `hidream keys limits` per key
+    max_concurrent: int = 0  # tasks per API key queued or running at once (0: no limit)
+    preview_every: int = 5  # a low-resolution preview every N steps for the progress stream (0: none)
+    preview_size: int = 256  # the preview's longer side, in pixels
+    webhook_timeout_s: float = 10.0  # per delivery attempt
+    webhook_retry_s: float = 10.0  # the first retry's delay; it doubles each time (at most 10 minutes)
+    webhook_give_up_s: float = 3600.0  # no attempt starts later than this after the prediction ended
 
     @property
     def base_url(self) -> str:
@@ -122,6 +129,8 @@ PARSERS: dict[str, Any] = {
     "max_body_bytes": int, "max_upload_bytes": int, "max_upload_pixels": int, "max_queue": int,
     "sync_timeout_s": float, "lease_s": float, "max_attempts": int, "url_ttl_s": int,
     "fetch_timeout_s": float, "fetch_allow": _tuple, "worker": _bool,
+    "rate_per_minute": int, "max_concurrent": int, "preview_every": int, "preview_size": int,
+    "webhook_timeout_s": float, "webhook_retry_s": float, "webhook_give_up_s": float,
 }
 ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
 

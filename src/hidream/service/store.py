@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -32,12 +33,15 @@ from sqlalchemy import (
     update,
 )
 
-from hidream.service.errors import TooManyRequests
-from hidream.service.tables import api_keys, tasks, uploads, usage, workers
+from hidream.service.errors import Conflict, TooManyRequests
+from hidream.service.tables import api_keys, idempotency_keys, tasks, uploads, usage, webhook_attempts, workers
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "hd-"
 ACTIVE = ("created", "processing")
+CANCELED = "canceled"  # the error of a canceled prediction
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+RATE_WINDOW = timedelta(minutes=1)
 CHANNEL = "hidream_tasks"  # PostgreSQL NOTIFY channel: a task was queued (payload: its model)
 # The LISTEN connection waits without sending anything: TCP keepalives find a silently dead one in about 1 min.
 LISTEN_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
@@ -123,6 +127,39 @@ class ApiKey:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    rate_per_minute: int | None = None  # None: the service's default
+    max_concurrent: int | None = None
+
+
+def _api_key(r: Any) -> ApiKey:
+    return ApiKey(r["id"], r["name"], r["prefix"], r["created_at"], r["revoked_at"], r["rate_per_minute"],
+                  r["max_concurrent"])
+
+
+class IdempotentReplay(Exception):
+    """A submit whose Idempotency-Key already names a task (made by a concurrent request): use that one."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A key's limits as the service applies them: `rate_per_minute` submits, `max_concurrent` active tasks.
+
+    0 means no limit. The key's own values, where set, win over these service-wide defaults.
+    """
+
+    rate_per_minute: int = 0
+    max_concurrent: int = 0
+
+
+def _finished(now: datetime) -> dict[str, Any]:
+    """Columns every transition to completed or failed sets: the end time and, with a webhook, its delivery."""
+    return {"completed_at": now, "lease_owner": None, "lease_expires_at": None, "preview": None,
+            "webhook_state": case((tasks.c.webhook_url.is_not(None), "pending"), else_=None),
+            "webhook_next_at": case((tasks.c.webhook_url.is_not(None), now), else_=None)}
 
 
 class Store:
@@ -226,14 +263,28 @@ class Store:
 
     # --- keys -----------------------------------------------------------------------------------
 
-    def create_key(self, name: str = "default") -> tuple[ApiKey, str]:
+    def create_key(self, name: str = "default", rate_per_minute: int | None = None,
+                   max_concurrent: int | None = None) -> tuple[ApiKey, str]:
         """A new key; the clear-text token is returned once and never stored."""
         token = KEY_PREFIX + secrets.token_urlsafe(32)
         row = {"id": new_id(), "name": name, "key_hash": hash_key(token), "prefix": token[:10],
-               "created_at": utcnow(), "revoked_at": None}
+               "created_at": utcnow(), "revoked_at": None, "rate_per_minute": rate_per_minute,
+               "max_concurrent": max_concurrent}
         with self.engine.begin() as conn:
             conn.execute(insert(api_keys).values(**row))
-        return ApiKey(row["id"], name, row["prefix"], row["created_at"], None), token
+        return _api_key(row), token
+
+    def set_key_limits(self, key_id_or_prefix: str, rate_per_minute: int | None,
+                       max_concurrent: int | None) -> ApiKey | None:
+        """Set a key's own limits (a value of -1 goes back to the service default); None leaves one as is."""
+        values = {name: (None if v == -1 else v) for name, v in
+                  (("rate_per_minute", rate_per_minute), ("max_concurrent", max_concurrent)) if v is not None}
+        cond = or_(api_keys.c.id == key_id_or_prefix, api_keys.c.prefix == key_id_or_prefix)
+        with self.engine.begin() as conn:
+            if values:
+                conn.execute(update(api_keys).where(cond).values(**values))
+            row = conn.execute(select(api_keys).where(cond)).mappings().first()
+        return _api_key(row) if row else None
 
     def create_first_key(self) -> str | None:
         """A key named "first key" if there is no key at all (one, even with several processes starting)."""
@@ -248,7 +299,7 @@ class Store:
     def list_keys(self) -> list[ApiKey]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).mappings().all()
-        return [ApiKey(r["id"], r["name"], r["prefix"], r["created_at"], r["revoked_at"]) for r in rows]
+        return [_api_key(r) for r in rows]
 
     def revoke_key(self, key_id_or_prefix: str) -> bool:
         cond = or_(api_keys.c.id == key_id_or_prefix, api_keys.c.prefix == key_id_or_prefix)
@@ -270,19 +321,83 @@ class Store:
     # --- submitting and reading -------------------------------------------------------------------
 
     def insert_task(self, key_id: str, model: str, input: dict[str, Any], references: list[str],
-                    max_queue: int, task_id: str | None = None) -> dict[str, Any]:
-        """Queue a task, unless `max_queue` tasks already wait or run (then TooManyRequests)."""
+                    max_queue: int, task_id: str | None = None, webhook_url: str | None = None,
+                    idempotency: tuple[str, str] | None = None, limits: Limits = Limits()) -> dict[str, Any]:
+        """Queue a task, unless a limit says no.
+
+        In one transaction, under the submit lock: an `idempotency` (key, request hash) already used by this
+        API key raises IdempotentReplay (same hash) or Conflict (another); then the key's rate (submits in the
+        last minute) and concurrency (tasks queued or running) limits, then the queue's `max_queue`, each a
+        TooManyRequests with the seconds to wait.
+        """
+        now = utcnow()
         row = {"id": task_id or new_id(), "key_id": key_id, "model": model, "status": "created", "input": input,
-               "references": references, "outputs": [], "error": "", "created_at": utcnow(), "attempts": 0}
-        with self._exclusive() as conn:  # the count and the insert must not interleave with another submit
+               "references": references, "outputs": [], "error": "", "created_at": now, "attempts": 0,
+               "webhook_url": webhook_url}
+        with self._exclusive() as conn:  # the counts and the insert must not interleave with another submit
+            if idempotency is not None:
+                self._check_idempotency(conn, key_id, *idempotency, now)
+            self._check_limits(conn, key_id, limits, now)
             depth = conn.execute(select(func.count()).select_from(tasks).where(tasks.c.status.in_(ACTIVE))).scalar_one()
             if depth >= max_queue:
                 raise TooManyRequests(f"queue full: {depth} tasks waiting or running; retry later", retry_after=10)
             conn.execute(insert(tasks).values(**row))
+            if idempotency is not None:
+                conn.execute(insert(idempotency_keys).values(key_id=key_id, idempotency_key=idempotency[0],
+                                                             request_hash=idempotency[1], task_id=row["id"],
+                                                             created_at=now))
             self._announce(conn, [model])
         self._queued.set()
         return row | {"started_at": None, "completed_at": None, "lease_owner": None, "lease_expires_at": None,
-                      "progress_step": None, "progress_total": None, "inference_ms": None}
+                      "progress_step": None, "progress_total": None, "inference_ms": None,
+                      "cancel_requested_at": None, "preview": None, "preview_step": None,
+                      "webhook_state": None, "webhook_next_at": None}
+
+    def idempotent_task(self, key_id: str, idempotency_key: str, request_hash: str) -> dict[str, Any] | None:
+        """The task an Idempotency-Key of this API key made in the last 24 hours (Conflict for another body)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(idempotency_keys).where(
+                idempotency_keys.c.key_id == key_id, idempotency_keys.c.idempotency_key == idempotency_key,
+                idempotency_keys.c.created_at > utcnow() - IDEMPOTENCY_WINDOW)).mappings().first()
+        if found is None:
+            return None
+        if found["request_hash"] != request_hash:
+            raise Conflict("Idempotency-Key: was used with a different request within 24 hours")
+        return self.get_task(found["task_id"])
+
+    def _check_idempotency(self, conn: Connection, key_id: str, idempotency_key: str, request_hash: str,
+                           now: datetime) -> None:
+        ik = idempotency_keys.c
+        # Keys older than the window are forgotten; this one may be reused then.
+        conn.execute(delete(idempotency_keys).where(ik.key_id == key_id, ik.created_at <= now - IDEMPOTENCY_WINDOW))
+        found = conn.execute(select(ik.request_hash, ik.task_id).where(
+            ik.key_id == key_id, ik.idempotency_key == idempotency_key)).first()
+        if found is not None:
+            if found.request_hash != request_hash:
+                raise Conflict("Idempotency-Key: was used with a different request within 24 hours")
+            raise IdempotentReplay(found.task_id)
+
+    def _check_limits(self, conn: Connection, key_id: str, defaults: Limits, now: datetime) -> None:
+        own = conn.execute(select(api_keys.c.rate_per_minute, api_keys.c.max_concurrent)
+                           .where(api_keys.c.id == key_id)).first()
+        rate = own.rate_per_minute if own is not None and own.rate_per_minute is not None else defaults.rate_per_minute
+        concurrent = (own.max_concurrent if own is not None and own.max_concurrent is not None
+                      else defaults.max_concurrent)
+        if rate > 0:
+            # A rolling minute over the tasks table itself: every replica sees the same count.
+            recent = conn.execute(select(tasks.c.created_at).where(
+                tasks.c.key_id == key_id, tasks.c.created_at > now - RATE_WINDOW)
+                .order_by(tasks.c.created_at.desc()).limit(rate)).scalars().all()
+            if len(recent) >= rate:
+                wait = (recent[-1] + RATE_WINDOW - now).total_seconds()
+                raise TooManyRequests(f"rate limit: {rate} submits per minute for this API key; "
+                                      f"retry in {max(1, math.ceil(wait))} s", retry_after=max(1, math.ceil(wait)))
+        if concurrent > 0:
+            active = conn.execute(select(func.count()).select_from(tasks).where(
+                tasks.c.key_id == key_id, tasks.c.status.in_(ACTIVE))).scalar_one()
+            if active >= concurrent:
+                raise TooManyRequests(f"rate limit: {concurrent} tasks queued or running at once for this API "
+                                      "key; retry when one ends", retry_after=5)
 
     def get_task(self, task_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         cond = [tasks.c.id == task_id] + ([tasks.c.key_id == key_id] if key_id is not None else [])
@@ -316,7 +431,7 @@ class Store:
         stmt = (update(tasks).where(tasks.c.id == oldest.scalar_subquery(), tasks.c.status == "created")
                 .values(status="processing", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_s),
                         attempts=tasks.c.attempts + 1, started_at=now,
-                        progress_step=0, progress_total=None)
+                        progress_step=0, progress_total=None, preview=None, preview_step=None)
                 .returning(*tasks.c))
         with self.engine.begin() as conn:
             row = conn.execute(stmt).mappings().first()
@@ -332,21 +447,52 @@ class Store:
                                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
         return res.rowcount == 1
 
-    def progress(self, task_id: str, worker: str, step: int, total: int) -> None:
+    def progress(self, task_id: str, worker: str, step: int, total: int, preview: str | None = None) -> bool:
+        """Record step `step` of `total` (and a preview data: URI); True when a cancel of the task was asked."""
+        values: dict[str, Any] = {"progress_step": step, "progress_total": total}
+        if preview is not None:
+            values |= {"preview": preview, "preview_step": step}
         with self.engine.begin() as conn:
-            conn.execute(update(tasks).where(self._held(task_id, worker))
-                         .values(progress_step=step, progress_total=total))
+            flag = conn.execute(update(tasks).where(self._held(task_id, worker)).values(**values)
+                                .returning(tasks.c.cancel_requested_at)).first()
+        return flag is not None and flag[0] is not None
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(tasks.c.cancel_requested_at).where(tasks.c.id == task_id)).scalar() is not None
+
+    def cancel(self, task_id: str, key_id: str) -> str | None:
+        """Cancel a prediction of this key: what happened, or None when the key has no such prediction.
+
+        "canceled": it was queued and is now failed with error "canceled"; "requested": it runs, and its
+        worker stops at the next step; "completed" / "failed": it had ended, nothing changed.
+        """
+        now = utcnow()
+        mine = and_(tasks.c.id == task_id, tasks.c.key_id == key_id)
+        with self.engine.begin() as conn:
+            res = conn.execute(update(tasks).where(mine, tasks.c.status == "created").values(
+                status="failed", error=CANCELED, cancel_requested_at=now, **_finished(now)))
+            if res.rowcount == 1:
+                return "canceled"
+            res = conn.execute(update(tasks).where(mine, tasks.c.status == "processing").values(
+                cancel_requested_at=func.coalesce(tasks.c.cancel_requested_at, now)))
+            if res.rowcount == 1:
+                return "requested"
+            return conn.execute(select(tasks.c.status).where(mine)).scalar()
 
     def complete(self, task_id: str, worker: str, outputs: list[str], inference_ms: int,
                  price_micro_usd: int) -> bool:
         """Mark done and charge each image, in one transaction; False (and no charge) if not ours."""
         now = utcnow()
         with self.engine.begin() as conn:
-            res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
-                status="completed", outputs=outputs, completed_at=now, inference_ms=inference_ms,
-                lease_owner=None, lease_expires_at=None).returning(tasks.c.key_id))
+            # A cancel asked before this commits wins: the task fails as canceled and nothing is charged.
+            res = conn.execute(update(tasks).where(self._held(task_id, worker), tasks.c.cancel_requested_at.is_(None))
+                               .values(status="completed", outputs=outputs, inference_ms=inference_ms,
+                                       **_finished(now)).returning(tasks.c.key_id))
             key_id = res.scalar()
             if key_id is None:
+                conn.execute(update(tasks).where(self._held(task_id, worker)).values(
+                    status="failed", error=CANCELED, **_finished(now)))
                 return False
             # The unique (task_id, image_index) constraint makes a second charge impossible.
             if outputs:
@@ -358,7 +504,7 @@ class Store:
     def fail(self, task_id: str, worker: str, error: str) -> bool:
         with self.engine.begin() as conn:
             res = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
-                status="failed", error=error, completed_at=utcnow(), lease_owner=None, lease_expires_at=None))
+                status="failed", error=error, **_finished(utcnow())))
         return res.rowcount == 1
 
     def release(self, task_id: str, worker: str) -> bool:
@@ -366,7 +512,8 @@ class Store:
         with self.engine.begin() as conn:
             model = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
                 status="created", lease_owner=None, lease_expires_at=None, attempts=tasks.c.attempts - 1,
-                started_at=None, progress_step=None, progress_total=None).returning(tasks.c.model)).scalar()
+                started_at=None, progress_step=None, progress_total=None, preview=None, preview_step=None)
+                .returning(tasks.c.model)).scalar()
             if model is None:
                 return False
             self._announce(conn, [model])
@@ -381,16 +528,67 @@ class Store:
         now = utcnow()
         expired = and_(tasks.c.status == "processing", tasks.c.lease_expires_at < now)
         with self.engine.begin() as conn:
+            # A canceled task whose worker died ends as canceled rather than running again.
+            conn.execute(update(tasks).where(expired, tasks.c.cancel_requested_at.is_not(None)).values(
+                status="failed", error=CANCELED, **_finished(now)))
             failed = conn.execute(update(tasks).where(expired, tasks.c.attempts >= max_attempts).values(
-                status="failed", completed_at=now, lease_owner=None, lease_expires_at=None,
+                status="failed", **_finished(now),
                 error=f"the worker running this task stopped responding {max_attempts} times; giving up")).rowcount
             requeued = conn.execute(update(tasks).where(expired).values(
                 status="created", lease_owner=None, lease_expires_at=None, started_at=None,
-                progress_step=None, progress_total=None).returning(tasks.c.model)).scalars().all()
+                progress_step=None, progress_total=None, preview=None, preview_step=None)
+                .returning(tasks.c.model)).scalars().all()
             self._announce(conn, requeued)
         if requeued:
             self._queued.set()
         return len(requeued), failed
+
+    # --- webhooks ---------------------------------------------------------------------------------
+
+    def claim_webhook(self, lease_s: float) -> dict[str, Any] | None:
+        """Take the delivery due first: its next attempt is pushed `lease_s` ahead while this sender tries.
+
+        The row carries `attempts_made`. A sender that dies mid-attempt leaves the delivery pending; it is
+        due again when the lease ends (so a receiver may see a prediction twice, never zero times).
+        """
+        now = utcnow()
+        due = (select(tasks.c.id).where(tasks.c.webhook_state == "pending", tasks.c.webhook_next_at <= now)
+               .order_by(tasks.c.webhook_next_at, tasks.c.id).limit(1))
+        if self.postgres:
+            due = due.with_for_update(skip_locked=True)
+        stmt = (update(tasks).where(tasks.c.id == due.scalar_subquery(), tasks.c.webhook_state == "pending")
+                .values(webhook_next_at=now + timedelta(seconds=lease_s)).returning(*tasks.c))
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).mappings().first()
+            if row is None:
+                return None
+            made = conn.execute(select(func.count()).select_from(webhook_attempts)
+                                .where(webhook_attempts.c.task_id == row["id"])).scalar_one()
+        return dict(row) | {"attempts_made": made}
+
+    def record_webhook_attempt(self, task_id: str, attempt: int, status_code: int | None, error: str,
+                               duration_ms: int, next_at: datetime | None) -> None:
+        """Log one attempt; then the delivery is done (`error` ""), due again at `next_at`, or given up (None)."""
+        state = "delivered" if not error else ("pending" if next_at is not None else "failed")
+        with self.engine.begin() as conn:
+            conn.execute(insert(webhook_attempts).values(task_id=task_id, attempt=attempt, at=utcnow(),
+                                                         status_code=status_code, error=error[:1000],
+                                                         duration_ms=duration_ms))
+            conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.webhook_state == "pending")
+                         .values(webhook_state=state, webhook_next_at=next_at if state == "pending" else None))
+
+    def webhook_attempts(self, task_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The delivery attempts of these tasks, oldest first, by task id."""
+        out: dict[str, list[dict[str, Any]]] = {tid: [] for tid in task_ids}
+        if not task_ids:
+            return out
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(webhook_attempts).where(webhook_attempts.c.task_id.in_(task_ids))
+                                .order_by(webhook_attempts.c.task_id, webhook_attempts.c.attempt,
+                                          webhook_attempts.c.id)).mappings().all()
+        for r in rows:
+            out[r["task_id"]].append(dict(r))
+        return out
 
     # --- usage and uploads ------------------------------------------------------------------------
 

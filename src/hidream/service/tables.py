@@ -27,6 +27,8 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),  # shown in listings
     Column("created_at", DateTime, nullable=False),
     Column("revoked_at", DateTime),
+    Column("rate_per_minute", Integer),  # submits per rolling minute; None: the service default, 0: no limit
+    Column("max_concurrent", Integer),  # tasks queued or running at once; None: the service default, 0: no limit
 )
 
 tasks = Table(
@@ -48,8 +50,36 @@ tasks = Table(
     Column("progress_step", Integer),
     Column("progress_total", Integer),
     Column("inference_ms", BigInteger),
+    Column("cancel_requested_at", DateTime),  # set by a cancel while the task runs; the worker stops
+    Column("preview", Text),  # the latest low-resolution x0 estimate, a data: URI (JPEG), while processing
+    Column("preview_step", Integer),  # the step that preview is of
+    Column("webhook_url", Text),
+    Column("webhook_state", String(16)),  # None (no webhook or not finished) | pending | delivered | failed
+    Column("webhook_next_at", DateTime),  # pending: when the next attempt is due (or its lease ends)
     Index("ix_tasks_queue", "status", "created_at"),
     Index("ix_tasks_key_created", "key_id", "created_at"),
+    Index("ix_tasks_webhook_due", "webhook_state", "webhook_next_at"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), ForeignKey("tasks.id"), nullable=False),
+    Column("attempt", Integer, nullable=False),  # 1-based
+    Column("at", DateTime, nullable=False),
+    Column("status_code", Integer),  # None: no HTTP answer (timeout, refused, address not allowed)
+    Column("error", Text, nullable=False),  # "" when delivered
+    Column("duration_ms", Integer, nullable=False),
+    Index("ix_webhook_attempts_task", "task_id", "attempt"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys", metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),  # sha256 of the request, to tell a different body
+    Column("task_id", String(32), ForeignKey("tasks.id"), nullable=False),
+    Column("created_at", DateTime, nullable=False),
 )
 
 usage = Table(
