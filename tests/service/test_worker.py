@@ -45,7 +45,7 @@ class SolidEngine:
                 raise GenerationCanceled("stopped")
             time.sleep(self.step_s)
             if progress is not None:
-                progress(i, steps, lambda: None)
+                progress(i, steps, lambda i=i: Image.new("RGB", (request.width, request.height), (i, 9, 9)))
         return Result([Image.new("RGB", (request.width, request.height), (i * 40, 0, 0))
                        for i in range(request.num_images)])
 

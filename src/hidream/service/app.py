@@ -2,10 +2,14 @@
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
 import secrets
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +22,7 @@ from starlette.formparsers import MultiPartException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hidream.service import schemas
 from hidream.service.errors import (
     BadRequest,
+    Conflict,
     NotFound,
     PayloadTooLarge,
     ServiceError,
@@ -33,22 +38,23 @@ from hidream.service.errors import (
     Unauthorized,
     Unavailable,
 )
-from hidream.service.fetch import FetchPolicy, ImageInfo, check_image, decode_data_uri, fetch_image
+from hidream.service.fetch import FetchPolicy, ImageInfo, check_image, check_target, decode_data_uri, fetch_image
+from hidream.service.predictions import MIME, Renderer, iso, progress_of
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, UrlSigner
-from hidream.service.store import Store
+from hidream.service.store import IdempotentReplay, Limits, Store
+from hidream.service.webhooks import WebhookSender, key_secret
 from hidream.service.worker import Worker
 from hidream.sizes import fit_size
 
 log = logging.getLogger("hidream.api")
 EXTENSIONS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 KEEP_ASPECT_SIDE = 2048
+CANCEL_WAIT_S = 5.0  # how long a cancel of a running prediction waits for its worker to stop
+STREAM_POLL_S = 0.2  # how often the progress stream reads the prediction (from the database: any replica)
+KEEPALIVE_S = 15.0
+TERMINAL = ("completed", "failed")
 STATIC = Path(__file__).parent / "static"  # the web playground: plain files, no build step
-
-
-def iso(ts: datetime | None) -> str | None:
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if ts else None
 
 
 def envelope(data: Any, status: int = 200, message: str = "success", **extra: Any) -> JSONResponse:
@@ -95,6 +101,38 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key header, checked; None without one."""
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255 or not all(32 <= ord(ch) < 127 for ch in value):
+        raise BadRequest("Idempotency-Key: must be 1 to 255 printable ASCII characters")
+    return value
+
+
+def fingerprint(route: str, body: dict[str, Any]) -> str:
+    """What a replay must match to get the first request's prediction: the route and the parsed body."""
+    return hashlib.sha256(json.dumps([route, body], sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What a group of routes needs from the app: other modules' routes (the OpenAI ones) get this."""
+
+    settings: Settings
+    store: Store
+    storage: Storage
+    signer: UrlSigner
+    policy: FetchPolicy
+    renderer: Renderer
+    # submit(key_id, body, references, shown_urls, idempotency) -> the task row (a replay's, if any);
+    # references None: fetch body.reference_image_urls.
+    submit: Callable[..., Awaitable[dict[str, Any]]]
+    wait_for: Callable[[str, float], Awaitable[dict[str, Any]]]
+    key_for_token: Callable[[str | None], str]  # the key id, or Unauthorized
+
+
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations at definition time.
 def create_app(settings: Settings, store: Store, storage: Storage, worker: Worker | None = None) -> FastAPI:
     """The API over a store and a storage; with `worker`, it runs in a thread for the app's lifetime."""
@@ -102,13 +140,20 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
     policy = FetchPolicy(timeout_s=settings.fetch_timeout_s, max_bytes=settings.max_upload_bytes,
                          max_pixels=settings.max_upload_pixels, allow_networks=settings.fetch_allow)
 
+    renderer = Renderer(settings, store, storage, signer)
+    render = renderer.one
+    sender = WebhookSender(settings, store, render, policy)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         thread = None
         if worker is not None:
             thread = threading.Thread(target=worker.run, name="worker", daemon=True)
             thread.start()
+        sending = asyncio.create_task(sender.run(), name="webhooks")
         yield
+        sender.stop()
+        await sending
         if worker is not None and thread is not None:
             worker.stop()  # the running task stops at its next step and goes back to the queue
             await run_in_threadpool(thread.join)
@@ -149,34 +194,18 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
-    def api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-        if credentials is None or not credentials.credentials.strip():
+    def key_for_token(token: str | None) -> str:
+        if token is None or not token.strip():
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-        key_id = store.key_for_token(credentials.credentials.strip())
+        key_id = store.key_for_token(token.strip())
         if key_id is None:
             raise Unauthorized("invalid or revoked API key")
         return key_id
 
-    Key = Annotated[str, Depends(api_key)]
+    def api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        return key_for_token(credentials.credentials if credentials is not None else None)
 
-    def render(row: dict[str, Any]) -> dict[str, Any]:
-        inp = row["input"]
-        if row["status"] == "completed" and inp.get("enable_base64_output"):
-            mime = MIME[inp["output_format"]]
-            outputs = [f"data:{mime};base64,{base64.b64encode(storage.get(k)).decode()}" for k in row["outputs"]]
-        else:
-            outputs = [storage.public_url(k) or signer.url(k) for k in row["outputs"]]
-        progress = None
-        if row["status"] == "processing" and row["progress_total"]:
-            progress = {"step": row["progress_step"] or 0, "total": row["progress_total"]}
-        return {
-            "id": row["id"], "model": row["model"], "status": row["status"], "input": inp, "outputs": outputs,
-            "urls": {"get": f"{settings.base_url}/api/v1/model/prediction/{row['id']}"},
-            "has_nsfw_contents": [False] * len(outputs), "error": row["error"] or "",
-            "created_at": iso(row["created_at"]), "started_at": iso(row["started_at"]),
-            "completed_at": iso(row["completed_at"]), "timings": {"inference": row["inference_ms"]},
-            "progress": progress,
-        }
+    Key = Annotated[str, Depends(api_key)]
 
     async def reference(url: str, field: str, key_id: str) -> tuple[bytes, ImageInfo]:
         """The bytes of one reference image, checked to decode within the caps."""
@@ -201,10 +230,24 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
     async def generate_image(request: Request, key_id: Key):
         """Submit a generation; poll `urls.get`, or set enable_sync_mode to wait for the result."""
         # The body is parsed here, after the key was checked: no key is a 401 whatever the body.
+        idem = idempotency_key(request)
         try:
             body = schemas.GenerateImageRequest.model_validate_json(await request.body())
         except ValidationError as err:
             raise BadRequest(schemas.validation_message(err)) from None
+        idempotency = (idem, fingerprint("generateImage", body.model_dump(mode="json"))) if idem else None
+        row = await submit(key_id, body, idempotency=idempotency)
+        if body.enable_sync_mode:
+            row = await wait_for(row["id"], settings.sync_timeout_s)
+        return envelope(await run_in_threadpool(render, row))
+
+    async def submit(key_id: str, body: schemas.GenerateImageRequest,
+                     references: list[tuple[bytes, ImageInfo]] | None = None, shown_urls: list[str] | None = None,
+                     idempotency: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Validate what the schema cannot, store the references and queue the task; its row.
+
+        With `idempotency` (key, request hash) already used by this API key: the first request's task.
+        """
         if worker is not None and worker.load_error is not None:
             raise Unavailable(f"no model loaded: {worker.load_error}")
         model = settings.resolve_model_id(body.model)
@@ -215,25 +258,32 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             width, height = schemas.resolve_size(body.image_size)
         except ValueError:
             raise BadRequest(f"image_size: {schemas.RULES['image_size']}") from None
-        fetched = await asyncio.gather(*(reference(u, f"reference_image_urls[{i}]", key_id)
-                                         for i, u in enumerate(body.reference_image_urls)))
-        refs = [data for data, _ in fetched]
-        if body.keep_original_aspect and len(fetched) == 1:
+        if idempotency is not None:  # a replay costs no fetch
+            earlier = await run_in_threadpool(store.idempotent_task, key_id, *idempotency)
+            if earlier is not None:
+                return earlier
+        if body.webhook_url is not None:
+            await check_target(body.webhook_url, policy, "webhook_url")
+        if references is None:
+            references = list(await asyncio.gather(*(reference(u, f"reference_image_urls[{i}]", key_id)
+                                                     for i, u in enumerate(body.reference_image_urls))))
+            shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
+                          for u in body.reference_image_urls]
+        refs = [data for data, _ in references]
+        if body.keep_original_aspect and len(references) == 1:
             try:
-                width, height = fit_size(fetched[0][1].width, fetched[0][1].height, KEEP_ASPECT_SIDE)
+                width, height = fit_size(references[0][1].width, references[0][1].height, KEEP_ASPECT_SIDE)
             except ValueError:
                 raise BadRequest("reference_image_urls[0]: its aspect ratio is too extreme for "
                                  "keep_original_aspect (a side would be under 32 pixels)") from None
         seed = body.seed if body.seed >= 0 else secrets.randbelow(schemas.MAX_SEED + 1)
         mode = ("text-to-image", "edit")[len(refs)] if len(refs) < 2 else "personalization"
         task_id = secrets.token_hex(16)
-        ref_keys = [f"references/{task_id}/{i}.{EXTENSIONS[info.format]}" for i, (_, info) in enumerate(fetched)]
-        shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
-                      for u in body.reference_image_urls]
+        ref_keys = [f"references/{task_id}/{i}.{EXTENSIONS[info.format]}" for i, (_, info) in enumerate(references)]
         steps, guidance = settings.recipe_defaults
-        inp = body.model_dump(exclude={"model", "image_size"}) | {
+        inp = body.model_dump(exclude={"model", "image_size", "webhook_url"}) | {
             "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
-            "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls,
+            "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
             "num_inference_steps": body.num_inference_steps or steps,
             "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
 
@@ -241,25 +291,35 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
             for key, data in zip(ref_keys, refs, strict=True):
                 storage.put(key, data)
             try:
-                return store.insert_task(key_id, model, inp, ref_keys, settings.max_queue, task_id=task_id)
+                return store.insert_task(key_id, model, inp, ref_keys, settings.max_queue, task_id=task_id,
+                                         webhook_url=body.webhook_url, idempotency=idempotency, limits=limits)
+            except IdempotentReplay as replay:  # a concurrent request with the same key got there first
+                for key in ref_keys:
+                    storage.delete(key)
+                return store.get_task(replay.task_id)
             except BaseException:
                 for key in ref_keys:  # a rejected request leaves nothing behind
                     storage.delete(key)
                 raise
 
-        row = await run_in_threadpool(persist)
-        if body.enable_sync_mode:
-            row = await wait_for(row["id"], settings.sync_timeout_s)
-        return envelope(await run_in_threadpool(render, row))
+        return await run_in_threadpool(persist)
+
+    limits = Limits(settings.rate_per_minute, settings.max_concurrent)
 
     async def wait_for(task_id: str, timeout_s: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
             row = await run_in_threadpool(store.get_task, task_id)
-            if row["status"] in ("completed", "failed") or loop.time() >= deadline:
+            if row["status"] in TERMINAL or loop.time() >= deadline:
                 return row
             await asyncio.sleep(0.05)
+
+    async def owned(prediction_id: str, key_id: str) -> dict[str, Any]:
+        row = await run_in_threadpool(store.get_task, prediction_id, key_id)
+        if row is None:
+            raise NotFound(f"prediction {prediction_id[:64]!r} not found")
+        return row
 
     @app.get("/api/v1/model/prediction/{prediction_id}", response_model=schemas.PredictionEnvelope,
              responses={401: {"model": schemas.ErrorEnvelope}, 404: {"model": schemas.ErrorEnvelope}})
@@ -269,6 +329,76 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         if row is None:
             raise NotFound(f"prediction {prediction_id[:64]!r} not found")
         return envelope(render(row))
+
+    @app.post("/api/v1/model/prediction/{prediction_id}/cancel", response_model=schemas.PredictionEnvelope,
+              responses={401: {"model": schemas.ErrorEnvelope}, 404: {"model": schemas.ErrorEnvelope}})
+    async def cancel_prediction(prediction_id: str, key_id: Key):
+        """Cancel: a queued prediction never runs, a running one stops at its next step; either ends
+        `failed` with error `canceled` and nothing is charged. A finished one is left as it is (the message
+        says so)."""
+        what = await run_in_threadpool(store.cancel, prediction_id, key_id)
+        if what is None:
+            raise NotFound(f"prediction {prediction_id[:64]!r} not found")
+        message = "success"
+        if what == "requested":
+            row = await wait_for(prediction_id, CANCEL_WAIT_S)
+            if row["status"] not in TERMINAL:
+                message = "cancel requested: the prediction stops at its next step"
+        else:
+            row = await owned(prediction_id, key_id)
+            if what in TERMINAL:
+                message = f"prediction already {what}; nothing to cancel"
+        return envelope(await run_in_threadpool(render, row), message=message)
+
+    @app.get("/api/v1/model/prediction/{prediction_id}/stream", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "Server-Sent Events: status, progress, preview, done"},
+                        401: {"model": schemas.ErrorEnvelope}, 404: {"model": schemas.ErrorEnvelope}})
+    async def stream_prediction(prediction_id: str, key_id: Key, request: Request, previews: bool = True):
+        """Live progress as Server-Sent Events: `status` on each change, `progress` (step, total, eta_s)
+        on each step, `preview` (a low-resolution data: URI) when the worker makes one, and `done` with the
+        final prediction, which ends the stream. It reads the database, so any replica serves it."""
+        first = await owned(prediction_id, key_id)
+        return StreamingResponse(events(first, request, previews), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def events(row: dict[str, Any], request: Request, previews: bool) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        status = progress = preview_step = None
+        last_sent = loop.time()
+
+        def event(name: str, data: Any) -> str:
+            nonlocal last_sent
+            last_sent = loop.time()
+            return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+        while True:
+            if row["status"] != status:
+                status = row["status"]
+                yield event("status", {"status": status})
+            now_progress = progress_of(row)
+            if now_progress is not None and (progress is None or now_progress["step"] != progress["step"]):
+                progress = now_progress
+                yield event("progress", now_progress)
+            if previews and row.get("preview") and row.get("preview_step") != preview_step:
+                preview_step = row["preview_step"]
+                yield event("preview", {"step": preview_step, "image": row["preview"]})
+            if status in TERMINAL:
+                yield event("done", await run_in_threadpool(render, row))
+                return
+            if loop.time() - last_sent >= KEEPALIVE_S:
+                last_sent = loop.time()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(STREAM_POLL_S)
+            if await request.is_disconnected():
+                return  # the prediction goes on; only this stream ends
+            row = await run_in_threadpool(store.get_task, row["id"])
+
+    @app.get("/api/v1/webhook/secret", response_model=schemas.WebhookSecretEnvelope,
+             responses={401: {"model": schemas.ErrorEnvelope}})
+    def webhook_secret(key_id: Key):
+        """This key's webhook signing secret: verify `HiDream-Webhook-Signature` with it."""
+        return envelope({"secret": key_secret(settings.signing_secret(), key_id)})
 
     @app.get("/api/v1/predictions", response_model=schemas.PredictionListEnvelope,
              responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope}})
@@ -286,7 +416,7 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         if len(rows) == limit:
             last = rows[-1]
             next_cursor = base64.urlsafe_b64encode(f"{last['created_at'].isoformat()}|{last['id']}".encode()).decode()
-        return envelope({"items": [render(r) for r in rows], "next_cursor": next_cursor})
+        return envelope({"items": renderer.many(rows), "next_cursor": next_cursor})
 
     @app.post("/api/v1/model/uploadMedia", response_model=schemas.UploadEnvelope,
               responses={400: {"model": schemas.ErrorEnvelope}, 401: {"model": schemas.ErrorEnvelope},
@@ -388,4 +518,5 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
         return app.openapi_schema
 
     app.openapi = openapi
+    app.state.api = ApiContext(settings, store, storage, signer, policy, renderer, submit, wait_for, key_for_token)
     return app

@@ -207,18 +207,23 @@ async def _validated_addresses(
     return ips
 
 
-def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, ip: IPAddress) -> httpx.Request:
-    """A GET for `url` sent to `ip` itself, with the original Host header and TLS server name."""
-    headers = {"Accept": "image/png, image/jpeg, image/webp", "Accept-Encoding": "identity"}
+IMAGE_HEADERS = {"Accept": "image/png, image/jpeg, image/webp", "Accept-Encoding": "identity"}
+
+
+def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, ip: IPAddress, method: str = "GET",
+                    headers: dict[str, str] | None = None, content: bytes | None = None) -> httpx.Request:
+    """A request for `url` sent to `ip` itself, with the original Host header and TLS server name."""
+    headers = dict(IMAGE_HEADERS if headers is None else headers)
     host = url.raw_host.decode("ascii")
     try:
         ipaddress.ip_address(host)
-        return client.build_request("GET", url, headers=headers)  # an IP literal already
+        return client.build_request(method, url, headers=headers, content=content)  # an IP literal already
     except ValueError:
         pass
     headers["Host"] = host if url.port is None else f"{host}:{url.port}"
     extensions = {"sni_hostname": host} if url.scheme == "https" else {}
-    return client.build_request("GET", url.copy_with(host=str(ip)), headers=headers, extensions=extensions)
+    return client.build_request(method, url.copy_with(host=str(ip)), headers=headers, content=content,
+                                extensions=extensions)
 
 
 def _peer(response: httpx.Response) -> IPAddress | None:
@@ -303,3 +308,49 @@ async def fetch_image(url: str, policy: FetchPolicy, field: str, resolver: Resol
         raise BadRequest(f"{field}: {_short(url)} timed out after {policy.timeout_s:g} s") from None
     except httpx.HTTPError as exc:
         raise BadRequest(f"{field}: {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
+
+
+async def check_target(url: str, policy: FetchPolicy, field: str, resolver: Resolver | None = None) -> None:
+    """BadRequest naming `field` unless `url` is an http(s) URL whose every address the policy allows."""
+    parsed = _parse_url(url, field)
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            await _validated_addresses(parsed, policy, field, resolver or _default_resolver, _short(url))
+    except TimeoutError:
+        raise BadRequest(f"{field}: {_short(url)} could not be resolved in {policy.timeout_s:g} s") from None
+
+
+async def post(url: str, body: bytes, headers: dict[str, str], policy: FetchPolicy, field: str,
+               resolver: Resolver | None = None) -> int:
+    """POST `body` to `url` under the same address rules as fetches; the response's status code.
+
+    Redirects are not followed (a 3xx is returned as is). BadRequest when the address is not allowed,
+    the connection fails or the answer does not come within the policy's timeout; the response body
+    is not read.
+    """
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            parsed = _parse_url(url, field)
+            ips = await _validated_addresses(parsed, policy, field, resolver or _default_resolver, _short(url))
+            timeout = httpx.Timeout(policy.timeout_s)
+            async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+                error: Exception | None = None
+                for ip in ips:
+                    try:
+                        request = _pinned_request(client, parsed, ip, "POST", headers, body)
+                        response = await client.send(request, stream=True)
+                    except httpx.ConnectError as exc:
+                        error = exc
+                        continue
+                    try:
+                        peer = _peer(response)
+                        if peer is not None and (peer not in ips or not policy.allows(peer)):
+                            raise BadRequest(f"{field}: connected to {peer}, {_kind(peer)}, which is not allowed")
+                        return response.status_code
+                    finally:
+                        await response.aclose()
+                raise BadRequest(f"{field}: {_short(url)} could not be reached ({error})")
+    except (TimeoutError, httpx.TimeoutException):
+        raise BadRequest(f"{field}: {_short(url)} did not answer within {policy.timeout_s:g} s") from None
+    except httpx.HTTPError as exc:
+        raise BadRequest(f"{field}: {_short(url)} failed ({type(exc).__name__}: {exc})") from None

@@ -30,6 +30,7 @@ RULES = {
     "num_images": "must be an integer from 1 to 4",
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
+    "webhook_url": "must be an http or https URL of at most 2,048 characters",
 }
 
 
@@ -57,6 +58,7 @@ class GenerateImageRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=4)
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
 
     @field_validator("prompt")
     @classmethod
@@ -138,6 +140,20 @@ Status = Literal["created", "processing", "completed", "failed"]
 class Progress(BaseModel):
     step: int
     total: int
+    eta_s: float | None = None
+
+
+class WebhookAttempt(BaseModel):
+    at: str
+    status_code: int | None
+    error: str
+    duration_ms: int
+
+
+class Webhook(BaseModel):
+    url: str
+    state: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: list[WebhookAttempt]
 
 
 class Timings(BaseModel):
@@ -162,6 +178,7 @@ class Prediction(BaseModel):
     completed_at: str | None
     timings: Timings
     progress: Progress | None = None
+    webhook: Webhook | None = None
 
 
 class Envelope(BaseModel):
@@ -219,6 +236,14 @@ class UsageEnvelope(Envelope):
     data: Usage
 
 
+class WebhookSecret(BaseModel):
+    secret: str
+
+
+class WebhookSecretEnvelope(Envelope):
+    data: WebhookSecret
+
+
 class ErrorEnvelope(Envelope):
     data: None = None
 
@@ -240,4 +265,5 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
         "enable_sync_mode": {"type": "boolean", "default": False},
         "enable_base64_output": {"type": "boolean", "default": False},
+        "webhook_url": {"type": "string", "default": None, "max_length": 2048},
     }

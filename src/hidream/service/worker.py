@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -17,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
-from hidream.service.store import Store
+from hidream.service.store import CANCELED, Store
 
 log = logging.getLogger("hidream.worker")
 
@@ -64,6 +65,19 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format=name, **options)
     return buf.getvalue()
+
+
+def preview_data_uri(image: Image.Image, max_side: int) -> str:
+    """A small JPEG of the image as a data: URI (what the progress stream shows while a task runs)."""
+    small = image.convert("RGB")
+    small.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class CancelRequested(Exception):
+    pass
 
 
 def build_request(task: dict[str, Any], references: list[bytes]):
@@ -210,18 +224,35 @@ class Worker:
         beat = threading.Thread(target=heartbeat, name=f"lease-{tid[:8]}", daemon=True)
         beat.start()
         last_report = [0.0]
+        last_check = [time.monotonic()]
+        canceled = threading.Event()
+        every = self.settings.preview_every
 
-        def progress(step: int, total: int, _preview) -> None:
+        def progress(step: int, total: int, preview) -> None:
             now = time.monotonic()
-            if step == total or now - last_report[0] >= 0.25:
-                last_report[0] = now
-                self.store.progress(tid, self.id, step, total)
+            # A preview every `every` steps (and of the last step); plain progress at most 4 times a second.
+            image = None
+            if every > 0 and (step % every == 0 or step == total):
+                try:
+                    image = preview_data_uri(preview(), self.settings.preview_size)
+                except Exception:  # a preview is a nicety: its failure must not fail the task
+                    log.exception("task %s: preview at step %d failed", tid, step)
+            if image is not None or step == total or now - last_report[0] >= 0.25:
+                last_report[0] = last_check[0] = now
+                if self.store.progress(tid, self.id, step, total, image):
+                    canceled.set()
 
         def should_cancel() -> bool:
             if lost.is_set():
                 return True
             if self.stop_event.is_set():
                 raise ShutdownRequested
+            if not canceled.is_set() and time.monotonic() - last_check[0] >= 0.25:
+                last_check[0] = time.monotonic()
+                if self.store.cancel_requested(tid):
+                    canceled.set()
+            if canceled.is_set():
+                raise CancelRequested
             return False
 
         try:
@@ -238,10 +269,19 @@ class Worker:
                 keys.append(key)
             price = round(self.settings.price_usd * 1_000_000)
             if not self.store.complete(tid, self.id, keys, inference_ms, price):
-                log.warning("task %s: lease lost before completion; another worker owns it", tid)
+                row = self.store.get_task(tid)
+                if row is not None and row["status"] == "failed" and row["error"] == CANCELED:
+                    for key in keys:  # canceled while the images were being stored: none is kept
+                        self.storage.delete(key)
+                    log.info("task %s: canceled", tid)
+                else:
+                    log.warning("task %s: lease lost before completion; another worker owns it", tid)
         except ShutdownRequested:
             self.store.release(tid, self.id)
             log.info("task %s: back in the queue (shutdown)", tid)
+        except CancelRequested:
+            self.store.fail(tid, self.id, CANCELED)
+            log.info("task %s: canceled", tid)
         except Exception as err:  # the model's failure fails this task, never the worker
             from hidream.engine.errors import GenerationCanceled, HiDreamError
 
