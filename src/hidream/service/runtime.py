@@ -12,7 +12,7 @@ from pathlib import Path
 from hidream.service.errors import ServiceError
 from hidream.service.settings import Settings
 from hidream.service.storage import open_storage
-from hidream.service.store import Store
+from hidream.service.store import ApiKey, Store
 from hidream.service.worker import Worker
 
 log = logging.getLogger("hidream")
@@ -102,18 +102,42 @@ def run_worker(settings: Settings) -> int:
     return 0 if worker.engine is not None else 1
 
 
-def keys_command(settings: Settings, action: str, name: str | None, key: str | None) -> int:
+def _limits(settings: Settings, key: ApiKey) -> str:
+    def one(own: int | None, default: int, unit: str) -> str:
+        value = default if own is None else own
+        shown = "no limit" if value == 0 else f"{value} {unit}"
+        return shown + (" (service default)" if own is None else "")
+
+    return (f"rate: {one(key.rate_per_minute, settings.rate_per_minute, 'submits/min')}; "
+            f"concurrent: {one(key.max_concurrent, settings.max_concurrent, 'tasks')}")
+
+
+def keys_command(settings: Settings, action: str, name: str | None, key: str | None,
+                 rate_per_minute: int | None = None, max_concurrent: int | None = None) -> int:
+    for flag, value in (("--rate-per-minute", rate_per_minute), ("--max-concurrent", max_concurrent)):
+        if value is not None and value < -1:
+            print(f"error: {flag}: must be -1 (the service default), 0 (no limit) or a positive number", file=sys.stderr)
+            return 2
     store = open_store(settings)
     if action == "create":
-        record, token = store.create_key(name or "key")
-        print(f"{token}\n(id {record.id}; shown once: it is stored only as a hash)")
+        own = {k: (None if v == -1 else v) for k, v in
+               (("rate_per_minute", rate_per_minute), ("max_concurrent", max_concurrent))}
+        record, token = store.create_key(name or "key", **own)
+        print(f"{token}\n(id {record.id}; shown once: it is stored only as a hash; {_limits(settings, record)})")
     elif action == "list":
         for k in store.list_keys():
             state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
-            print(f"{k.id}  {k.prefix}…  {k.name!r}  created {k.created_at:%Y-%m-%d %H:%M}  {state}")
+            print(f"{k.id}  {k.prefix}…  {k.name!r}  created {k.created_at:%Y-%m-%d %H:%M}  {state}  "
+                  f"{_limits(settings, k)}")
     elif action == "revoke":
         if not key or not store.revoke_key(key):
             print(f"error: key: no active key with id or prefix {key!r}", file=sys.stderr)
             return 2
         print(f"revoked {key}")
+    elif action == "limits":
+        record = store.set_key_limits(key, rate_per_minute, max_concurrent) if key else None
+        if record is None:
+            print(f"error: key: no key with id or prefix {key!r}", file=sys.stderr)
+            return 2
+        print(f"{record.id}  {record.prefix}…  {_limits(settings, record)}")
     return 0
