@@ -1,4 +1,4 @@
-"""The `hidream` command: generate | serve | worker | keys | status | demo-model | bench."""
+"""The `hidream` command: generate | submit | serve | worker | keys | status | demo-model | bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from hidream.client import Client, ClientError
 from hidream.engine.errors import HiDreamError, InvalidRequestError
 from hidream.service.errors import ServiceError
 from hidream.service.settings import default_home
@@ -103,6 +104,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def submit_target(output: str, fmt: str | None, count: int) -> str | list[Path]:
+    """`-o` of `hidream submit`: a directory as it is (the client names the files), a file as output_paths says."""
+    path = Path(output).expanduser()
+    if path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix:
+        return output
+    return output_paths(path, count, fmt or "png")
+
+
+def cancel_on_interrupt(client: Client, prediction_id: str) -> int:
+    """Ctrl-C while waiting: cancel the prediction (no question asked) and say how it ended."""
+    print(f"\ninterrupted: canceling prediction {prediction_id}", file=sys.stderr)
+    try:
+        pred = client.cancel(prediction_id)
+    except ClientError as err:
+        print(f"error: could not cancel prediction {prediction_id}: {err}", file=sys.stderr)
+        return 130
+    if pred.done:
+        print(f"prediction {prediction_id} {'canceled' if pred.canceled else 'had already ' + pred.status}",
+              file=sys.stderr)
+    else:
+        print(f"cancel requested: prediction {prediction_id} stops at its next step", file=sys.stderr)
+    return 130
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get("HIDREAM_API_KEY")
+    if not api_key:
+        raise InvalidRequestError("--api-key", "no API key: pass --api-key or set HIDREAM_API_KEY")
+    base_url = args.base_url or os.environ.get("HIDREAM_BASE_URL") or "http://127.0.0.1:8000"
+    fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "").lower() or None
+    target = submit_target(args.output, fmt, args.num_images or 1)
+    with Client(base_url, api_key) as client:
+        prediction = client.submit(
+            args.prompt, references=args.ref or [], keep_original_aspect=args.keep_original_aspect,
+            model=args.model, image_size=args.size, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            seed=args.seed, output_format=fmt or "png", num_images=args.num_images or 1,
+            webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
+        )
+        if args.no_wait:
+            print(prediction.id)
+            return 0
+        if not args.quiet:
+            print(f"submitted prediction {prediction.id}", file=sys.stderr)
+        try:
+            prediction = client.wait(prediction, progress=not args.quiet)
+        except KeyboardInterrupt:
+            return cancel_on_interrupt(client, prediction.id)
+        for path in client.download(prediction.raise_for_status(), target):
+            print(path)
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from hidream.engine.demo import write_demo_checkpoint
 
@@ -154,7 +207,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from hidream.service.runtime import keys_command
 
-    return keys_command(service_settings(args), args.action, args.name, args.key)
+    return keys_command(service_settings(args), args.action, args.name, args.key,
+                        args.key_rate, args.key_concurrent)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -185,6 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
+    sm = sub.add_parser("submit", help="submit a generation to a running service, wait for it, download the images")
+    sm.add_argument("prompt")
+    sm.add_argument("--ref", nargs="+", metavar="IMAGE",
+                    help="reference image(s), files (uploaded first) or URLs: 1 edits, 2-10 personalize")
+    sm.add_argument("--keep-original-aspect", action="store_true",
+                    help="with one reference: the output takes its aspect ratio")
+    sm.add_argument("--size", help=f"preset ({', '.join(SIZE_PRESETS)}) or WxH (default: the server's)")
+    sm.add_argument("--steps", type=int, help="denoising steps (default: the served recipe's)")
+    sm.add_argument("--guidance", type=float, help="guidance scale (default: the served recipe's)")
+    sm.add_argument("--seed", type=int, help="default: random (the seed used is in the prediction)")
+    sm.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from -o's extension, else png")
+    sm.add_argument("--num-images", type=int, help="1 to 4; image i uses seed + i (default 1)")
+    sm.add_argument("--model", default="hidream-o1-image", help="model id (default: hidream-o1-image)")
+    sm.add_argument("-o", "--output", default=".",
+                    help="directory (files named after the prediction id) or file name (name_i.ext for "
+                         "several images); default: the current directory")
+    sm.add_argument("--no-wait", action="store_true", help="print the prediction id and exit")
+    sm.add_argument("--webhook-url", help="POST the final prediction there, signed with the key's webhook secret")
+    sm.add_argument("--idempotency-key",
+                    help="a rerun with the same key and request returns the same prediction (24 h); "
+                         "default: a fresh key, so only this command's own retries are deduplicated")
+    sm.add_argument("--base-url", help="the service (default: $HIDREAM_BASE_URL, else http://127.0.0.1:8000)")
+    sm.add_argument("--api-key", help="default: $HIDREAM_API_KEY")
+    sm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sm.set_defaults(func=cmd_submit)
+
     s = sub.add_parser("serve", help="run the API with an in-process worker (HIDREAM_* settings)")
     add_service_args(s, worker_flag=True)
     s.set_defaults(func=cmd_serve)
@@ -194,9 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_worker)
 
     k = sub.add_parser("keys", help="create, list or revoke API keys")
-    k.add_argument("action", choices=["create", "list", "revoke"])
-    k.add_argument("key", nargs="?", help="with revoke: the key's id or prefix")
+    k.add_argument("action", choices=["create", "list", "revoke", "limits"])
+    k.add_argument("key", nargs="?", help="with revoke or limits: the key's id or prefix")
     k.add_argument("--name", help="with create: a label for the key")
+    k.add_argument("--rate", type=int, metavar="N", dest="key_rate",
+                   help="with create or limits: this key's submits per minute (0: no limit, -1: the service default)")
+    k.add_argument("--concurrent", type=int, metavar="N", dest="key_concurrent",
+                   help="with create or limits: this key's tasks queued or running at once (0: no limit, "
+                        "-1: the service default)")
     add_service_args(k, worker_flag=False)
     k.set_defaults(func=cmd_keys)
 
@@ -236,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ServiceError as err:
         print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    except ClientError as err:  # hidream submit: the API's message, a connection failure, a failed prediction
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -114,7 +114,7 @@ def _limits(settings: Settings, key: ApiKey) -> str:
 
 def keys_command(settings: Settings, action: str, name: str | None, key: str | None,
                  rate_per_minute: int | None = None, max_concurrent: int | None = None) -> int:
-    for flag, value in (("--rate-per-minute", rate_per_minute), ("--max-concurrent", max_concurrent)):
+    for flag, value in (("--rate", rate_per_minute), ("--concurrent", max_concurrent)):
         if value is not None and value < -1:
             print(f"error: {flag}: must be -1 (the service default), 0 (no limit) or a positive number", file=sys.stderr)
             return 2
