@@ -421,3 +421,28 @@ def test_a_webhook_url_the_rules_forbid_is_a_400_that_leaves_nothing(server: Ser
         msg = error_of(c.post(GENERATE, json=SMALL | {"webhook_url": url}), 400)
         assert msg.startswith("webhook_url: ") and rule in msg, msg
         assert su.ok(c.get("/api/v1/predictions"))["items"] == []
+
+
+# --- across replicas ------------------------------------------------------------------------------------------------------------
+
+
+def test_stream_cancel_and_idempotency_work_through_another_replica(server: Server, tmp_path: Path) -> None:
+    """A second API process (no worker) on the same database: its stream sees the first one's worker's progress,
+    its cancel stops that worker's task, and an Idempotency-Key used on one replica is known to the other."""
+    procs = su.Processes(tmp_path / "logs")
+    try:
+        replica = procs.serve(server.env, worker=False)
+        with server.client() as c, su.client(replica.base_url, server.key) as c2:
+            pred = submit(c, SLOW | {"num_inference_steps": 100}, **{"Idempotency-Key": "replica-1"})
+            assert submit(c2, SLOW | {"num_inference_steps": 100}, **{"Idempotency-Key": "replica-1"})["id"] == pred["id"]
+            seen = []
+            with c2.stream("GET", f"/api/v1/model/prediction/{pred['id']}/stream", params={"previews": "false"}) as r:
+                for name, data in events(r):
+                    seen.append(name)
+                    if name == "progress" and data["step"] >= 2:
+                        canceled = su.ok(c2.post(f"/api/v1/model/prediction/{pred['id']}/cancel"))
+                        assert (canceled["status"], canceled["error"]) == ("failed", "canceled"), canceled
+            assert seen[-1] == "done" and "progress" in seen
+            assert su.ok(c.get(pred["urls"]["get"]))["error"] == "canceled"
+    finally:
+        procs.stop_all()

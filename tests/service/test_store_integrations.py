@@ -81,6 +81,16 @@ def test_a_canceled_task_whose_worker_died_is_not_run_again(store: Store, key: s
     assert store.claim("w2", ["m"], 30) is None
 
 
+def test_a_canceled_task_released_at_shutdown_ends_canceled_instead_of_queued(store: Store, key: str) -> None:
+    tid = submit(store, key)
+    store.claim("w", ["m"], 30)
+    store.cancel(tid, key)
+    assert store.release(tid, "w")
+    row = store.get_task(tid)
+    assert (row["status"], row["error"]) == ("failed", CANCELED)
+    assert store.claim("w", ["m"], 30) is None
+
+
 # --- previews -------------------------------------------------------------------------------------------------
 
 

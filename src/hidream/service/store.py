@@ -508,8 +508,15 @@ class Store:
         return res.rowcount == 1
 
     def release(self, task_id: str, worker: str) -> bool:
-        """Put a task back in the queue without counting the attempt (graceful shutdown)."""
+        """Put a task back in the queue without counting the attempt (graceful shutdown).
+
+        A task whose cancel was asked ends canceled instead (True as well: the worker is rid of it).
+        """
         with self.engine.begin() as conn:
+            now = utcnow()
+            if conn.execute(update(tasks).where(self._held(task_id, worker), tasks.c.cancel_requested_at.is_not(None))
+                            .values(status="failed", error=CANCELED, **_finished(now))).rowcount:
+                return True
             model = conn.execute(update(tasks).where(self._held(task_id, worker)).values(
                 status="created", lease_owner=None, lease_expires_at=None, attempts=tasks.c.attempts - 1,
                 started_at=None, progress_step=None, progress_total=None, preview=None, preview_step=None)
