@@ -166,7 +166,7 @@ def error_of(response: httpx.Response, status: int) -> str:
     return body["message"]
 
 
-# --- progress stream -------------------------------------------------------------------------------------------------
+# --- progress stream ----------------------------------------------------------------------------------------------
 
 
 def test_the_stream_gives_status_progress_previews_and_ends_with_the_prediction(server: Server) -> None:
@@ -231,7 +231,7 @@ def test_the_stream_of_another_keys_or_an_unknown_prediction_is_404(server: Serv
         su.poll(c, pred["urls"]["get"])
 
 
-# --- cancel -----------------------------------------------------------------------------------------------------------
+# --- cancel -------------------------------------------------------------------------------------------------------
 
 
 def usage_images(c: httpx.Client) -> int:
@@ -278,7 +278,7 @@ def test_cancel_of_a_finished_or_another_keys_prediction(server: Server) -> None
         assert "not found" in error_of(c.post(f"/api/v1/model/prediction/{'f' * 32}/cancel"), 404)
 
 
-# --- idempotency --------------------------------------------------------------------------------------------------------
+# --- idempotency --------------------------------------------------------------------------------------------------
 
 
 def test_an_idempotency_key_returns_the_same_prediction_and_charges_once(server: Server) -> None:
@@ -302,7 +302,7 @@ def test_an_idempotency_key_returns_the_same_prediction_and_charges_once(server:
         assert usage_images(c) == 2
 
 
-# --- rate limits -----------------------------------------------------------------------------------------------------------
+# --- rate limits --------------------------------------------------------------------------------------------------
 
 
 def test_rate_limits_per_key_from_the_keys_command(server: Server) -> None:
@@ -329,7 +329,7 @@ def test_rate_limits_per_key_from_the_keys_command(server: Server) -> None:
     assert bad.returncode == 2 and "no key with id or prefix 'nope'" in bad.stderr
 
 
-# --- webhooks ----------------------------------------------------------------------------------------------------------------
+# --- webhooks -----------------------------------------------------------------------------------------------------
 
 
 def wait_webhook(c: httpx.Client, pred: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
@@ -423,7 +423,7 @@ def test_a_webhook_url_the_rules_forbid_is_a_400_that_leaves_nothing(server: Ser
         assert su.ok(c.get("/api/v1/predictions"))["items"] == []
 
 
-# --- across replicas ------------------------------------------------------------------------------------------------------------
+# --- across replicas ----------------------------------------------------------------------------------------------
 
 
 def test_stream_cancel_and_idempotency_work_through_another_replica(server: Server, tmp_path: Path) -> None:
@@ -434,7 +434,8 @@ def test_stream_cancel_and_idempotency_work_through_another_replica(server: Serv
         replica = procs.serve(server.env, worker=False)
         with server.client() as c, su.client(replica.base_url, server.key) as c2:
             pred = submit(c, SLOW | {"num_inference_steps": 100}, **{"Idempotency-Key": "replica-1"})
-            assert submit(c2, SLOW | {"num_inference_steps": 100}, **{"Idempotency-Key": "replica-1"})["id"] == pred["id"]
+            again = submit(c2, SLOW | {"num_inference_steps": 100}, **{"Idempotency-Key": "replica-1"})
+            assert again["id"] == pred["id"]
             seen = []
             with c2.stream("GET", f"/api/v1/model/prediction/{pred['id']}/stream", params={"previews": "false"}) as r:
                 for name, data in events(r):

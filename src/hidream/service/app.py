@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hidream.service import schemas
 from hidream.service.errors import (
     BadRequest,
-    Conflict,
     NotFound,
     PayloadTooLarge,
     ServiceError,
@@ -39,7 +38,7 @@ from hidream.service.errors import (
     Unavailable,
 )
 from hidream.service.fetch import FetchPolicy, ImageInfo, check_image, check_target, decode_data_uri, fetch_image
-from hidream.service.predictions import MIME, Renderer, iso, progress_of
+from hidream.service.predictions import MIME, Renderer, progress_of
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, UrlSigner
 from hidream.service.store import IdempotentReplay, Limits, Store

@@ -116,7 +116,8 @@ def keys_command(settings: Settings, action: str, name: str | None, key: str | N
                  rate_per_minute: int | None = None, max_concurrent: int | None = None) -> int:
     for flag, value in (("--rate", rate_per_minute), ("--concurrent", max_concurrent)):
         if value is not None and value < -1:
-            print(f"error: {flag}: must be -1 (the service default), 0 (no limit) or a positive number", file=sys.stderr)
+            print(f"error: {flag}: must be -1 (the service default), 0 (no limit) or a positive number",
+                  file=sys.stderr)
             return 2
     store = open_store(settings)
     if action == "create":
