@@ -58,7 +58,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Self, TypedDict, Union
 from urllib.parse import quote
 
 import httpx
@@ -252,7 +252,7 @@ def _timestamp(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return datetime.fromisoformat(value)
     except ValueError:
         return None
 
@@ -396,7 +396,7 @@ class SubmitOptions(TypedDict, total=False):
     progress: bool | Callable[[ProgressEvent], None]
 
 
-ProgressOption = Union[bool, Callable[[ProgressEvent], None], None]
+ProgressOption = bool | Callable[[ProgressEvent], None] | None
 
 
 # --- webhooks (standard library only) -----------------------------------------------------------------------
@@ -491,7 +491,7 @@ def iter_sse(lines: Iterable[str]) -> Iterator[ServerEvent]:
         if line.startswith(":"):
             continue
         key, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
+        value = value.removeprefix(" ")
         if key == "event":
             name = value
         elif key == "data":
@@ -637,7 +637,7 @@ class Client:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
                                   headers={"User-Agent": f"hidream-client/{__version__}"})
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
