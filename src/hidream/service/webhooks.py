@@ -63,6 +63,7 @@ class WebhookSender:
 
     async def run(self) -> None:
         lease_s = self.settings.webhook_timeout_s * 2 + 5  # a claimed delivery is due again after this
+        wait = self.poll_s
         while not self._stop.is_set():
             try:
                 claimed = []
@@ -71,13 +72,16 @@ class WebhookSender:
                     if row is None:
                         break
                     claimed.append(row)
+                wait = self.poll_s
                 if claimed:
                     await asyncio.gather(*(self.deliver(row) for row in claimed))
                     continue
-            except Exception as err:  # the database may be away: try again shortly
-                log.warning("webhooks: %s: %s", type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            except Exception as err:  # the database may be away: back off, then try again
+                wait = min(wait * 2, 30.0)
+                log.warning("webhooks: %s (%s); retrying in %.1f s", type(err).__name__,
+                            (str(err).splitlines() or [""])[0][:200], wait)
             try:
-                await asyncio.wait_for(self._stop.wait(), self.poll_s)
+                await asyncio.wait_for(self._stop.wait(), wait)
             except TimeoutError:
                 pass
 
