@@ -416,7 +416,7 @@ function updateSize() {
     return;
   }
   box.style.aspectRatio = `${w} / ${h}`;
-  const mp = ((w * h) / 1e6).toFixed(1);
+  const mp = ((w * h) / 1e6).toFixed(w * h < 1e5 ? 2 : 1);
   let text = `${w} × ${h} pixels, ${mp} megapixels`;
   if (checked.value === "custom"
       && (String(w) !== $("width").value || String(h) !== $("height").value)) {
@@ -524,8 +524,11 @@ function moveRef(from, to, focusSelector) {
   renderRefs();
   announce(`Reference moved to position ${to + 1} of ${state.refs.length}.`);
   if (focusSelector) {
-    const target = $("refs").children[to]?.querySelector(focusSelector);
-    (target && !target.disabled ? target : $("refs").children[to]?.querySelector(".ref-remove"))?.focus();
+    // the same button on the moved image; at either end, the other direction's
+    const item = $("refs").children[to];
+    const other = focusSelector === ".ref-earlier" ? ".ref-later" : ".ref-earlier";
+    const target = [focusSelector, other, ".ref-remove"].map((s) => item?.querySelector(s)).find((b) => b && !b.disabled);
+    target?.focus();
   }
 }
 
@@ -987,13 +990,17 @@ function historyCard(pred) {
     : el("span", { class: `thumb-status ${status}`, "aria-hidden": "true", text: status });
   const facts = [MODE_NAMES[inp.mode] || inp.mode, inp.width && `${inp.width}×${inp.height}`,
     inp.num_images > 1 ? `${inp.num_images} images` : null, status, ago(pred.created_at)].filter(Boolean);
+  const id = `card-${pred.id}`;
   return el("li", { class: "card", "data-id": pred.id },
-    el("button", { type: "button", class: "card-open", onclick: () => reopen(pred) },
+    el("button", {
+      type: "button", class: "card-open", onclick: () => reopen(pred),
+      "aria-labelledby": `${id}-verb ${id}-prompt`, "aria-describedby": `${id}-meta`,
+    },
       el("span", { class: "card-thumb" }, thumb),
       el("span", { class: "card-text" },
-        el("span", { class: "visually-hidden", text: "Reopen: " }),
-        el("span", { class: "card-prompt", text: inp.prompt || "(no prompt)" }),
-        el("span", { class: "card-meta", text: facts.join(" · ") }))));
+        el("span", { class: "visually-hidden", id: `${id}-verb`, text: "Reopen:" }),
+        el("span", { class: "card-prompt", id: `${id}-prompt`, text: inp.prompt || "(no prompt)" }),
+        el("span", { class: "card-meta", id: `${id}-meta`, text: facts.join(" · ") }))));
 }
 
 async function reopen(pred) {

@@ -1,0 +1,78 @@
+"""Fixtures for the browser tests: one real `hidream serve` on the demo checkpoint, Debian's Chromium
+driven by Playwright, a fresh API key per test, and the screenshots written as test artifacts.
+
+Chromium is the system package (`scripts/install-browser` installs it; `scripts/test` runs that first);
+Playwright's own browser download is never used. Without /usr/bin/chromium these tests fail, saying so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from browser_util import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SCREENSHOTS, Server, su
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    if not CHROMIUM.exists():
+        pytest.fail(f"Chromium is not installed ({CHROMIUM} is missing): run scripts/install-browser, "
+                    "or scripts/test, which runs it first", pytrace=False)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: Path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: run scripts/bootstrap (it installs the dev extra)",
+                    pytrace=False)
+    # Module-scoped: Playwright's sync API holds an event loop on this thread while it runs, which the
+    # other test modules' asyncio code must not find.
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(chromium_path), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
+    """`hidream serve` (API and in-process worker) for all the browser tests; a preview every 2 steps."""
+    home = tmp_path_factory.mktemp("browser-home")
+    procs = su.Processes(home.parent / (home.name + "-logs"))
+    try:
+        env = su.service_env(home, demo_checkpoint, preview_every=2)
+        yield Server(procs.serve(env), env)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def key(server: Server, request: pytest.FixtureRequest) -> str:
+    return server.new_key(request.node.name[:60])
+
+
+@pytest.fixture
+def page(browser, server: Server):
+    """A page at desktop size in a fresh context (no saved key), failing the test on a script error."""
+    context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda err: errors.append(str(err)))
+    pg.set_default_timeout(60_000)
+    try:
+        yield pg
+    finally:
+        context.close()
+    assert not errors, f"errors in the page's scripts: {errors}"
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS

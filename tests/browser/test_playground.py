@@ -1,0 +1,422 @@
+"""The web playground at `/`, end to end: real Chromium, real `hidream serve`, the demo checkpoint.
+
+Each test signs in with its own key, works the page the way a person does (labels, buttons, files)
+and checks what the page shows against what the API recorded. Runs are small (256x256, a few steps)
+except the one whose progress is watched and then canceled. Screenshots of each mode, at desktop and
+phone widths, go to test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Page, expect
+
+from browser_util import DESKTOP, PHONE, Server, su
+
+pytestmark = pytest.mark.timeout(300)
+
+MODEL = "hidream-o1-image"
+RUN_TIMEOUT = 120_000  # ms: a generous ceiling for a small run on a busy 2-core machine, not a threshold
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def picture(width: int, height: int, seed: int = 0) -> bytes:
+    """A PNG with a gradient and some noise (something a person could recognise as their photo)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 // (width - 1), y * 255 // (height - 1),
+                    rng.integers(0, 256, (height, width))], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sign_in(page: Page, server: Server, key: str) -> None:
+    page.goto(server.url + "/")
+    page.get_by_label("API key", exact=True).fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#key-panel")).to_be_hidden()
+
+
+def small_run(page: Page, prompt: str, steps: int = 2, size: tuple[int, int] = (256, 256)) -> None:
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_role("radio", name=re.compile("^Custom")).check()
+    page.get_by_label("Width", exact=True).fill(str(size[0]))
+    page.get_by_label("Height", exact=True).fill(str(size[1]))
+    page.get_by_label("Steps", exact=True).fill(str(steps))
+
+
+def generate(page: Page) -> None:
+    page.locator("#generate").click()
+
+
+def wait_result(page: Page) -> None:
+    """Until the run ended with an image on the stage (fails at once if the run failed)."""
+    done = page.locator("#result-actions:not([hidden]), #result-error:not(:empty)")
+    expect(done.first).to_be_visible(timeout=RUN_TIMEOUT)
+    assert page.locator("#result-error").inner_text() == "", page.locator("#result-error").inner_text()
+    expect(page.locator("#result-image")).to_be_visible()
+    page.wait_for_function("() => { const i = document.getElementById('result-image');"
+                           " return i.complete && i.naturalWidth > 0; }")
+
+
+def natural_size(page: Page) -> tuple[int, int]:
+    return tuple(page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]"))
+
+
+def resize(page: Page, size: dict[str, int]) -> None:
+    """A new window size, once the page has been laid out and painted at it."""
+    page.set_viewport_size(size)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def shoot(page: Page, directory: Path, name: str) -> None:
+    """`name`-desktop.png and `name`-phone.png, whole page, scrolled to the top (and the desktop window)."""
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=directory / f"{name}-desktop.png", full_page=True)
+    page.screenshot(path=directory / f"{name}-desktop-screen.png")  # what a 1280x900 window shows
+    resize(page, PHONE)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=directory / f"{name}-phone.png", full_page=True)
+    # nothing spills sideways on a phone
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"{name}: the page is {overflow} px wider than a phone's screen"
+    resize(page, DESKTOP)
+
+
+def predictions(server: Server, key: str) -> list[dict]:
+    with su.client(server.url, key) as c:
+        return su.ok(c.get("/api/v1/predictions", params={"limit": 100}))["items"]
+
+
+def drop_files(page: Page, selector: str, files: dict[str, bytes]) -> None:
+    """Drops `files` on `selector` as a person dragging them from their file manager would."""
+    payload = [[name, base64.b64encode(data).decode()] for name, data in files.items()]
+    transfer = page.evaluate_handle("""files => {
+        const dt = new DataTransfer();
+        for (const [name, b64] of files) {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+        }
+        return dt;
+    }""", payload)
+    for event in ("dragenter", "dragover", "drop"):
+        page.dispatch_event(selector, event, {"dataTransfer": transfer})
+
+
+# --- tests --------------------------------------------------------------------------------------------------
+
+
+def test_key_then_text_to_image_download_and_reuse(page: Page, server: Server, key: str, screenshots: Path,
+                                                  tmp_path: Path) -> None:
+    page.goto(server.url + "/")
+    expect(page.get_by_label("API key", exact=True)).to_be_focused()
+    page.screenshot(path=screenshots / "key-desktop.png")
+
+    # a wrong key: its error next to the key field, and the form stays closed
+    page.get_by_label("API key", exact=True).fill("hd-not-a-key")
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#api-key-error")).to_contain_text("invalid or revoked API key")
+    expect(page.get_by_label("API key", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#app")).to_be_hidden()
+
+    sign_in(page, server, key)
+    # every parameter's range and default come from GET /api/v1/models; price and usage are in view
+    with su.client(server.url, key) as c:
+        model = su.ok(c.get("/api/v1/models"))[0]
+    params = model["parameters"]
+    expect(page.locator("#price")).to_have_text(f"${model['price_per_image_usd']}")
+    expect(page.locator("#usage")).to_have_text("0 images, $0.00")
+    steps = page.get_by_label("Steps", exact=True)
+    expect(steps).to_have_value(str(params["num_inference_steps"]["default"]))
+    expect(steps).to_have_attribute("min", str(params["num_inference_steps"]["minimum"]))
+    expect(steps).to_have_attribute("max", str(params["num_inference_steps"]["maximum"]))
+    expect(page.get_by_label("Guidance", exact=True)).to_have_value(f"{params['guidance_scale']['default']:g}")
+    expect(page.get_by_label("Format", exact=True)).to_have_value(params["output_format"]["default"])
+    assert page.locator("#format option").all_inner_texts() == [f.upper() for f in params["output_format"]["enum"]]
+    expect(page.get_by_role("radio", name=re.compile("^Landscape 4:3"))).to_be_checked()
+    for name in params["image_size"]["presets"]:
+        expect(page.locator(f"#size-{name}")).to_have_count(1)
+    expect(page.locator("#size-summary")).to_have_text("2304 × 1728 pixels, 4.0 megapixels")
+    expect(page.get_by_label("Keep the reference's aspect ratio")).to_be_hidden()  # no reference in text mode
+
+    small_run(page, "a lighthouse on a cliff at dusk")
+    expect(page.locator("#size-summary")).to_have_text("256 × 256 pixels, 0.07 megapixels")
+    page.get_by_label("Format", exact=True).select_option("webp")
+    generate(page)
+    wait_result(page)
+    assert natural_size(page) == (256, 256)
+    expect(page.locator("#usage")).to_have_text(f"1 image, ${model['price_per_image_usd']}")
+
+    [pred] = predictions(server, key)
+    assert pred["status"] == "completed" and pred["input"]["mode"] == "text-to-image", pred
+    assert pred["input"]["output_format"] == "webp" and pred["input"]["num_inference_steps"] == 2
+    expect(page.locator("#result-meta")).to_contain_text(str(pred["input"]["seed"]))
+
+    # download: the image in the chosen format
+    download_link = page.get_by_role("link", name="Download WEBP")
+    with page.expect_download() as info:
+        download_link.click()
+    download = info.value
+    assert download.suggested_filename == f"hidream-{pred['id'][:8]}.webp"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    img = Image.open(saved)
+    assert img.format == "WEBP" and img.size == (256, 256)
+    shoot(page, screenshots, "text-to-image")
+
+    # seed: random by default; "reuse last" puts the seed of the last result in the field
+    expect(page.get_by_label("Seed", exact=True)).to_be_disabled()
+    page.get_by_role("button", name=re.compile("^Reuse last")).click()
+    expect(page.get_by_label("Random")).not_to_be_checked()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value(str(pred["input"]["seed"]))
+
+    # "use as reference": the result becomes the one reference of an edit, uploaded again for this key
+    page.get_by_role("button", name="Use as reference").click()
+    expect(page.get_by_role("radio", name="Edit")).to_be_checked()
+    expect(page.locator("#refs li")).to_have_count(1)
+    expect(page.locator("#refs li.ready")).to_have_count(1, timeout=30_000)
+    expect(page.get_by_label("Prompt", exact=True)).to_be_focused()
+    expect(page.get_by_label("Keep the reference's aspect ratio")).to_be_visible()
+
+    # the key is kept in this browser: a reload goes straight to the form; "change key" asks again
+    page.reload()
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#key-panel")).to_be_hidden()
+    expect(page.locator("#usage")).to_have_text(f"1 image, ${model['price_per_image_usd']}")
+    page.get_by_role("button", name=re.compile("^Change key")).click()
+    expect(page.get_by_label("API key", exact=True)).to_be_focused()
+    page.get_by_role("button", name="Keep the current key").click()
+    expect(page.locator("#key-panel")).to_be_hidden()
+
+
+def test_progress_previews_eta_and_cancel(page: Page, server: Server, key: str, screenshots: Path) -> None:
+    sign_in(page, server, key)
+    # long enough to be watched (100 steps at 1024x1024 on the CPU), then canceled
+    small_run(page, "a slow one, to watch", steps=100, size=(1024, 1024))
+    generate(page)
+    expect(page.locator("#generate")).to_be_disabled()
+    detail = page.locator("#run-detail")
+    expect(detail).to_have_text(re.compile(r"^Step \d+ of 100 · (about \d+ (min \d+ )?s left|less than a second left"
+                                           r"|estimating the time left)$"), timeout=RUN_TIMEOUT)
+    # the stream's ETA: a figure once the server has one
+    expect(detail).to_have_text(re.compile(r"(about \d+ (min \d+ )?s|less than a second) left$"), timeout=RUN_TIMEOUT)
+    expect(page.locator("#run-status")).to_have_text("Generating…")
+    value, maximum = page.eval_on_selector("#run-progress", "p => [p.value, p.max]")
+    assert maximum == 100 and 1 <= value <= 100, (value, maximum)
+    # a preview from the stream on the stage
+    expect(page.locator("#stage")).to_have_class(re.compile(r"\bpreviewing\b"), timeout=RUN_TIMEOUT)
+    expect(page.locator("#result-image")).to_have_attribute("src", re.compile(r"^data:image/jpeg;base64,"))
+    expect(page.locator("#result-caption")).to_have_text(re.compile(r"^Preview at step \d+$"))
+    page.screenshot(path=screenshots / "progress-desktop.png")
+    resize(page, PHONE)
+    page.locator("#run").scroll_into_view_if_needed()
+    page.screenshot(path=screenshots / "progress-phone.png")
+    resize(page, DESKTOP)
+
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#result-error")).to_have_text("Canceled. Nothing was charged.", timeout=RUN_TIMEOUT)
+    expect(page.locator("#run")).to_be_hidden()
+    expect(page.locator("#generate")).to_be_enabled()
+    [pred] = predictions(server, key)
+    assert pred["status"] == "failed" and pred["error"] == "canceled", pred
+    with su.client(server.url, key) as c:
+        assert su.ok(c.get("/api/v1/usage"))["images"] == 0
+    expect(page.locator("#history-list li")).to_have_count(1)
+    expect(page.locator("#history-list li")).to_contain_text("canceled")
+
+
+def test_edit_with_an_uploaded_reference(page: Page, server: Server, key: str, screenshots: Path,
+                                         tmp_path: Path) -> None:
+    sign_in(page, server, key)
+    page.get_by_role("radio", name="Edit").check()
+    small_run(page, "make the sky stormy")
+
+    # no reference yet: the page says so next to the references, and nothing is sent
+    generate(page)
+    expect(page.locator("#refs-error")).to_have_text(
+        "reference_image_urls: edit takes exactly one reference image (got 0)")
+    assert predictions(server, key) == []
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(picture(320, 240))
+    page.get_by_label("Choose an image…").set_input_files(photo)
+    expect(page.locator("#refs li.ready")).to_have_count(1, timeout=30_000)
+    expect(page.locator("#refs img")).to_have_attribute("alt", "Reference 1: photo.png")
+    expect(page.locator("#refs-error")).to_have_text("")
+    # one reference: the aspect option appears; checking it hands the size over to the reference
+    keep = page.get_by_label("Keep the reference's aspect ratio")
+    expect(keep).to_be_visible()
+    keep.check()
+    expect(page.get_by_label("Width", exact=True)).to_be_disabled()
+    keep.uncheck()
+    expect(page.get_by_label("Width", exact=True)).to_be_enabled()
+
+    generate(page)
+    wait_result(page)
+    assert natural_size(page) == (256, 256)
+    [pred] = predictions(server, key)
+    assert pred["input"]["mode"] == "edit" and pred["input"]["keep_original_aspect"] is False, pred["input"]
+    [ref] = pred["input"]["reference_image_urls"]
+    assert ref.startswith(server.url + "/files/uploads/"), ref
+    assert httpx.get(ref, timeout=30).content == photo.read_bytes()  # the file as uploaded
+    expect(page.locator("#result-meta")).to_contain_text("Edit")
+    shoot(page, screenshots, "edit")
+
+
+def test_personalize_drop_reorder_remove(page: Page, server: Server, key: str, screenshots: Path,
+                                         tmp_path: Path) -> None:
+    sign_in(page, server, key)
+    page.get_by_role("radio", name="Personalize").check()
+    first, second, third = picture(200, 200, seed=1), picture(240, 160, seed=2), picture(160, 240, seed=3)
+    drop_files(page, "#dropzone", {"first.png": first, "second.png": second})
+    expect(page.locator("#refs li.ready")).to_have_count(2, timeout=30_000)
+    alts = page.locator("#refs img")
+    assert [a.get_attribute("alt") for a in alts.all()] == ["Reference 1: first.png", "Reference 2: second.png"]
+    expect(page.get_by_label("Keep the reference's aspect ratio")).to_be_hidden()  # only with exactly one
+
+    # reorder with the keyboard: focus stays on the moved image's button
+    page.get_by_role("button", name="Move reference 1 (first.png) later").focus()
+    page.keyboard.press("Enter")
+    assert [a.get_attribute("alt") for a in alts.all()] == ["Reference 1: second.png", "Reference 2: first.png"]
+    # it is last now: "later" is disabled, so the focus is on "earlier"
+    expect(page.get_by_role("button", name="Move reference 2 (first.png) earlier")).to_be_focused()
+
+    # a third through the file picker, then removed again
+    extra = tmp_path / "third.png"
+    extra.write_bytes(third)
+    page.get_by_label("Choose images…").set_input_files(extra)
+    expect(page.locator("#refs li.ready")).to_have_count(3, timeout=30_000)
+    page.get_by_role("button", name="Remove reference 3 (third.png)").click()
+    expect(page.locator("#refs li")).to_have_count(2)
+
+    small_run(page, "the two of them having tea in a garden")
+    generate(page)
+    wait_result(page)
+    [pred] = predictions(server, key)
+    assert pred["input"]["mode"] == "personalization", pred["input"]
+    got = [httpx.get(u, timeout=30).content for u in pred["input"]["reference_image_urls"]]
+    assert got == [second, first]  # in the order shown
+    expect(page.locator("#result-meta")).to_contain_text("Personalize")
+    shoot(page, screenshots, "personalize")
+
+
+def test_invalid_values_show_the_servers_error_at_their_field(page: Page, server: Server, key: str,
+                                                              screenshots: Path) -> None:
+    sign_in(page, server, key)
+    small_run(page, "a red fox in fresh snow")
+    # below the input's minimum, as a script or a pasted value can do: the server's rule, at its field
+    page.eval_on_selector("#steps", "el => { el.value = '0'; }")
+    generate(page)
+    steps = page.get_by_label("Steps", exact=True)
+    expect(page.locator("#steps-error")).to_have_text("num_inference_steps: must be an integer from 1 to 100 (got 0)")
+    expect(steps).to_have_attribute("aria-invalid", "true")
+    assert "steps-error" in steps.get_attribute("aria-describedby").split()
+    expect(steps).to_be_focused()
+    expect(page.locator("#form-error")).to_have_text("")
+    expect(page.locator("#generate")).to_be_enabled()
+    page.screenshot(path=screenshots / "error-desktop.png")
+    # editing the field clears its error
+    steps.fill("2")
+    expect(page.locator("#steps-error")).to_have_text("")
+    expect(steps).not_to_have_attribute("aria-invalid", "true")
+
+    # a custom size under the smallest side
+    page.get_by_label("Width", exact=True).fill("100")
+    page.get_by_label("Height", exact=True).fill("100")
+    generate(page)
+    expect(page.locator("#size-error")).to_have_text(re.compile(r"^image_size: must be one of square_hd, "))
+    expect(page.get_by_label("Width", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_label("Width", exact=True)).to_be_focused()
+    resize(page, PHONE)
+    page.get_by_label("Width", exact=True).scroll_into_view_if_needed()
+    page.screenshot(path=screenshots / "error-phone.png")
+    resize(page, DESKTOP)
+
+    # guidance above its maximum, and the prompt left empty
+    page.get_by_label("Width", exact=True).fill("256")
+    page.get_by_label("Height", exact=True).fill("256")
+    page.eval_on_selector("#guidance", "el => { el.value = '50'; }")
+    generate(page)
+    expect(page.locator("#guidance-error")).to_have_text("guidance_scale: must be a number from 1.0 to 20.0 (got 50)")
+    page.get_by_label("Guidance", exact=True).fill("5")
+    page.get_by_label("Prompt", exact=True).fill("")
+    generate(page)
+    expect(page.locator("#prompt-error")).to_have_text(re.compile(r"^prompt: "))
+    expect(page.get_by_label("Prompt", exact=True)).to_be_focused()
+    assert predictions(server, key) == []  # a rejected request leaves nothing behind
+
+
+def test_history_pages_and_reopens(page: Page, server: Server, key: str, screenshots: Path) -> None:
+    # 13 runs (one more than a page of the gallery), made through the API
+    with su.client(server.url, key) as c:
+        made = [su.ok(c.post("/api/v1/model/generateImage", json={
+            "model": MODEL, "prompt": f"history run {i}", "image_size": "256x256", "num_inference_steps": 1,
+            "seed": 100 + i, "output_format": "jpeg" if i == 3 else "png", "num_images": 2 if i == 3 else 1}))
+                for i in range(13)]
+        for pred in made:
+            su.poll(c, pred["urls"]["get"])
+
+    sign_in(page, server, key)
+    cards = page.locator("#history-list > li")
+    expect(cards).to_have_count(12)
+    expect(cards.first).to_contain_text("history run 12")  # newest first
+    expect(cards.first.locator("img")).to_be_visible()
+    page.get_by_role("button", name="Load more").click()
+    expect(cards).to_have_count(13)
+    expect(cards.last).to_contain_text("history run 0")
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+    shoot(page, screenshots, "history")
+
+    # reopening a run restores its parameters and shows its image
+    page.get_by_role("button", name="Reopen: history run 3", exact=True).click()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("history run 3")
+    expect(page.get_by_label("Prompt", exact=True)).to_be_focused()
+    expect(page.get_by_label("Steps", exact=True)).to_have_value("1")
+    expect(page.get_by_label("Format", exact=True)).to_have_value("jpeg")
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("103")
+    expect(page.get_by_role("radio", name=re.compile("^Custom"))).to_be_checked()
+    expect(page.get_by_label("Width", exact=True)).to_have_value("256")
+    expect(page.get_by_label("Images", exact=True)).to_have_value("2")
+    wait_result(page)
+    assert natural_size(page) == (256, 256)
+    # two images: a thumbnail each; the one chosen is the one shown and downloaded
+    pred = next(p for p in made if p["input"]["prompt"] == "history run 3")
+    thumbs = page.get_by_role("group", name="Images of this request").get_by_role("button")
+    expect(thumbs).to_have_count(2)
+    expect(thumbs.first).to_have_attribute("aria-pressed", "true")
+    page.get_by_role("button", name="Image 2 of 2").click()
+    expect(thumbs.last).to_have_attribute("aria-pressed", "true")
+    download = page.get_by_role("link", name="Download JPEG")
+    expect(download).to_have_attribute("download", f"hidream-{pred['id'][:8]}-2.jpg")
+    expect(page.locator("#result-image")).to_have_attribute("alt", re.compile(r"^Generated image 2 of 2 for the prompt"))
+
+
+def test_without_the_stream_route_it_polls(page: Page, server: Server, key: str) -> None:
+    """A server without the progress stream (404 there, as before it existed): the page polls instead."""
+    streams, polls = [], []
+    page.route(re.compile(r"/api/v1/model/prediction/[^/]+/stream"), lambda route: (
+        streams.append(route.request.url),
+        route.fulfill(status=404, content_type="application/json",
+                      body='{"code": 404, "message": "Not Found", "data": null}')))
+    page.on("request", lambda r: polls.append(r.url) if re.search(r"/prediction/[0-9a-f]+$", r.url) else None)
+    sign_in(page, server, key)
+    small_run(page, "a quiet harbour", steps=3)
+    generate(page)
+    wait_result(page)
+    assert streams and polls, (streams, polls)
+    assert natural_size(page) == (256, 256)
+    [pred] = predictions(server, key)
+    assert pred["status"] == "completed"
+    expect(page.locator("#result-meta")).to_contain_text(str(pred["input"]["seed"]))
