@@ -19,8 +19,7 @@ export class ApiError extends Error {
  */
 export function fieldOf(message) {
   const m = /^([a-z_]+(?:\[\d+\])?): /.exec(message || "");
-  if (!m || m[1] === "rate_limit") return "";
-  return m[1];
+  return m ? m[1] : "";
 }
 
 const TERMINAL = new Set(["completed", "failed"]);

@@ -1050,14 +1050,15 @@ async function reopen(pred) {
     $("refs-error").textContent = `${skipped} reference${skipped > 1 ? "s were" : " was"} sent as data: URIs, `
       + "which the history does not keep: add them again.";
   }
-  $("result-error").textContent = "";
-  if (isTerminal(pred.status)) {
-    if (!state.run) $("run").hidden = true;
-    showResult(pred);
-  } else if (!state.run) {
-    follow(pred);
+  if (state.run) {
+    // a run is on the stage: it stays there; only the parameters come back
+    announce("Parameters restored from the history; the current run goes on.");
+  } else {
+    $("result-error").textContent = "";
+    if (isTerminal(pred.status)) showResult(pred);
+    else follow(pred);
+    announce("Parameters restored from the history.");
   }
-  announce("Parameters restored from the history.");
   $("gen-title").scrollIntoView({ block: "start", behavior: "smooth" });
   $("prompt").focus({ preventScroll: true });
 }
