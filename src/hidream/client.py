@@ -1,25 +1,36 @@
 """A Python client for the HiDream image API (this service, or any server speaking the same wire format).
 
-Submit a generation, follow it live, download the images::
+Submit a generation, follow it live, download the images (against ``scripts/demo``; the key is the one it
+printed on its first start)::
 
+    import os
     from hidream.client import Client
 
-    with Client("http://127.0.0.1:8000", "hd-...") as client:
-        prediction = client.generate("a red fox in fresh snow", image_size="square", seed=7)
-        prediction = client.wait(prediction)        # live progress bar; reads the event stream, else polls
-        prediction.raise_for_status()               # PredictionFailed if it failed (or was canceled)
-        print(client.download(prediction, "out/"))  # [PosixPath('out/<id>.png')]
+    with Client("http://127.0.0.1:8000", os.environ["HIDREAM_API_KEY"]) as client:
+        quick = {"image_size": "512x512", "num_inference_steps": 8}  # leave out for the recipe's 50 steps
+        fox = client.generate("a red fox in fresh snow", seed=7, **quick)
+        fox = client.wait(fox)                 # a progress bar; the server's event stream, else polling
+        fox.raise_for_status()                 # PredictionFailed if it failed (or was canceled)
+        [path] = client.download(fox, "out/")  # out/<id>.png
+        print(path, fox.input["seed"])
 
-        # editing (one reference) and personalization (2 to 10): paths, bytes, PIL images or URLs;
-        # local images are uploaded first (uploadMedia), URLs are passed on as they are
-        edit = client.edit("make the sky stormy", "photo.jpg", keep_original_aspect=True, wait=True)
-        duo = client.personalize("the two of them having tea", ["a.jpg", "https://example.com/b.jpg"])
+        # editing takes one image, personalization 2 to 10: paths, bytes, PIL images or URLs (local
+        # images are uploaded first, URLs passed on as they are)
+        stormy = client.edit("make the sky stormy", path, wait=True, **quick)
+        duo = client.personalize("the two of them having tea", [path, client.download(stormy, "out/")[0]],
+                                 output_format="webp", wait=True, progress=False, **quick)
+        print(client.download(duo, "out/duo.webp"), client.usage()["amount_usd"])
 
-On the receiving end of a webhook::
+On the receiving end of a webhook (``webhook_url=...`` on a submit)::
 
     from hidream.client import verify_webhook, WebhookVerificationError
 
-    prediction = verify_webhook(request_body_bytes, request_headers, secret)  # secret: client.webhook_secret()
+    secret = client.webhook_secret()     # once; per API key ("whsec_...")
+    try:
+        prediction = verify_webhook(raw_body_bytes, request_headers, secret)
+    except WebhookVerificationError:
+        ...                              # answer 400; a genuine delivery is retried
+    # at-least-once: deduplicate on prediction["id"] (also the HiDream-Webhook-Id header)
 
 Retries: calls are retried (``max_retries`` times, exponential backoff) on 429 and 503, honouring the
 server's ``Retry-After``, and on connection errors. A submit is retried only because it always carries an
