@@ -95,6 +95,37 @@ def shoot(page: Page, directory: Path, name: str) -> None:
     resize(page, DESKTOP)
 
 
+def accessibility_problems(page: Page) -> list[str]:
+    """Controls without a label, buttons and links without a name, images without alt, and ARIA
+    references to ids that do not exist: what a screen reader would stumble on."""
+    return page.evaluate("""() => {
+        const bad = [];
+        const show = (el) => el.id ? `#${el.id}` : el.outerHTML.slice(0, 100);
+        for (const el of document.querySelectorAll("input, select, textarea")) {
+            if (el.type === "hidden" || el.getAttribute("aria-hidden") === "true") continue;
+            if (!(el.labels?.length || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby"))) {
+                bad.push(`no label: ${show(el)}`);
+            }
+        }
+        for (const el of document.querySelectorAll("button, a[href]")) {
+            if (!(el.textContent.trim() || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby"))) {
+                bad.push(`no name: ${show(el)}`);
+            }
+        }
+        for (const img of document.querySelectorAll("img")) {
+            if (!img.hasAttribute("alt")) bad.push(`no alt: ${show(img)}`);
+        }
+        for (const el of document.querySelectorAll("[aria-describedby], [aria-labelledby], [aria-controls]")) {
+            for (const attr of ["aria-describedby", "aria-labelledby", "aria-controls"]) {
+                for (const id of (el.getAttribute(attr) || "").split(/\\s+/).filter(Boolean)) {
+                    if (!document.getElementById(id)) bad.push(`${attr} names no element: ${id} on ${show(el)}`);
+                }
+            }
+        }
+        return bad;
+    }""")
+
+
 def predictions(server: Server, key: str) -> list[dict]:
     with su.client(server.url, key) as c:
         return su.ok(c.get("/api/v1/predictions", params={"limit": 100}))["items"]
@@ -174,6 +205,7 @@ def test_key_then_text_to_image_download_and_reuse(page: Page, server: Server, k
     download.save_as(saved)
     img = Image.open(saved)
     assert img.format == "WEBP" and img.size == (256, 256)
+    assert accessibility_problems(page) == []
     shoot(page, screenshots, "text-to-image")
 
     # seed: random by default; "reuse last" puts the seed of the last result in the field
@@ -308,6 +340,7 @@ def test_personalize_drop_reorder_remove(page: Page, server: Server, key: str, s
     assert pred["input"]["mode"] == "personalization", pred["input"]
     got = [httpx.get(u, timeout=30).content for u in pred["input"]["reference_image_urls"]]
     assert got == [second, first]  # in the order shown
+    assert accessibility_problems(page) == []
     expect(page.locator("#result-meta")).to_contain_text("Personalize")
     shoot(page, screenshots, "personalize")
 
@@ -326,6 +359,7 @@ def test_invalid_values_show_the_servers_error_at_their_field(page: Page, server
     expect(steps).to_be_focused()
     expect(page.locator("#form-error")).to_have_text("")
     expect(page.locator("#generate")).to_be_enabled()
+    assert accessibility_problems(page) == []
     page.screenshot(path=screenshots / "error-desktop.png")
     # editing the field clears its error
     steps.fill("2")
@@ -377,6 +411,7 @@ def test_history_pages_and_reopens(page: Page, server: Server, key: str, screens
     expect(cards).to_have_count(13)
     expect(cards.last).to_contain_text("history run 0")
     expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+    assert accessibility_problems(page) == []
     shoot(page, screenshots, "history")
 
     # reopening a run restores its parameters and shows its image
