@@ -662,7 +662,11 @@ class Client:
 
     def _request(self, method: str, url: str, *, idempotent: bool = True, auth: bool = True,
                  headers: Mapping[str, str] | None = None, **kwargs: Any) -> httpx.Response:
-        """Send a request, retrying 429/503 and (when ``idempotent``) connection errors; raise ApiError."""
+        """Send a request, retrying 429/503 and (when ``idempotent``) connection errors; raise ApiError.
+
+        Every call of this client is idempotent: reads and cancels by nature, submits through their
+        Idempotency-Key, uploads because a repeated one only leaves an unused file.
+        """
         all_headers = {**(self._auth if auth else {}), **(headers or {})}
         attempt = 0
         while True:
@@ -670,7 +674,7 @@ class Client:
                 response = self._http.request(method, url, headers=all_headers, **kwargs)
             except httpx.TransportError as err:
                 if not idempotent or attempt >= self.max_retries:
-                    raise ApiConnectionError(f"{method} {self._shown(url)}: {err or type(err).__name__}") from err
+                    raise ApiConnectionError(f"{method} {self._shown(url)}: {str(err) or type(err).__name__}") from err
                 delay = self._backoff_delay(attempt)
             else:
                 if response.status_code < 400:
@@ -726,8 +730,8 @@ class Client:
         urls = [self.upload(image) for image in references]
         body = _submit_body(prompt, urls, keep_original_aspect, options)
         key = options.get("idempotency_key") or str(uuid.uuid4())
-        prediction = Prediction.from_dict(self._data("POST", _GENERATE, json=body, idempotent=True,
-                                                     headers={"Idempotency-Key": key}))
+        prediction = Prediction.from_dict(self._data("POST", _GENERATE, json=body, headers={"Idempotency-Key": key},
+                                                     idempotent=True))  # the key makes a retry safe
         if options.get("wait"):
             return self.wait(prediction, progress=options.get("progress", True))
         return prediction
@@ -813,7 +817,7 @@ class Client:
                     raise error_from_response(response)
                 yield from iter_sse(response.iter_lines())
         except httpx.TransportError as err:
-            raise ApiConnectionError(f"event stream: {err or type(err).__name__}") from err
+            raise ApiConnectionError(f"event stream: {str(err) or type(err).__name__}") from err
 
     def wait(self, prediction: Prediction | str, *, timeout: float | None = None, stream: bool = True,
              progress: ProgressOption = True, poll_interval: float = 0.5) -> Prediction:
