@@ -518,6 +518,6 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     app.openapi = openapi
     app.state.api = ApiContext(settings, store, storage, signer, policy, renderer, submit, wait_for, key_for_token)
-    from hidream.service.openai_api import add_openai_routes
+    from hidream.service.openai_api import add_openai_routes  # here: that module imports this one
     add_openai_routes(app, app.state.api)
     return app
