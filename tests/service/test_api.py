@@ -530,6 +530,39 @@ def test_upload_url_of_other_blob_rejected(service: Service) -> None:
     assert "not a file this API key uploaded" in message
 
 
+def test_an_output_of_the_keys_own_prediction_is_a_reference(service: Service) -> None:
+    """"Use as reference": the signed URL of one of the key's outputs feeds an edit, without an upload."""
+    pid = assert_ok(service.submit())["id"]
+    task = service.store.claim("w1", [MODEL], 30)
+    out = f"outputs/{pid}/0.png"
+    service.storage.put(out, PNG)
+    assert service.store.complete(task["id"], "w1", [out], 5, 44_000)
+    url = assert_ok(service.client.get(f"/api/v1/model/prediction/{pid}", headers=service.h1))["outputs"][0]
+    data = assert_ok(service.submit(reference_image_urls=[url]))
+    assert data["input"]["mode"] == "edit"
+    assert [service.storage.get(r) for r in service.store.get_task(data["id"])["references"]] == [PNG]
+    # Another key cannot, and a made-up output path of this prediction is no reference either.
+    before = service.leftovers()
+    message = rejected(service, 400, "reference_image_urls[0]", headers=service.h2, reference_image_urls=[url])
+    assert "not a file this API key uploaded or generated" in message
+    signer = UrlSigner(service.settings.signing_secret(), BASE_URL, 60)
+    rejected(service, 400, "reference_image_urls[0]", reference_image_urls=[signer.url(f"outputs/{pid}/9.png")])
+    assert service.leftovers() == before
+
+
+def test_reference_urls_are_signed_afresh_when_a_prediction_is_read(make_service: Callable[..., Service]) -> None:
+    svc = make_service(url_ttl_s=1)
+    url = upload(svc, PNG).json()["url"]
+    pid = assert_ok(svc.submit(reference_image_urls=[url]))["id"]
+    time.sleep(1.1)  # the link given at upload time has expired by now
+    assert svc.client.get(url).status_code == 404
+    [shown] = assert_ok(svc.client.get(f"/api/v1/model/prediction/{pid}", headers=svc.h1))["input"][
+        "reference_image_urls"]
+    assert shown != url and shown.split("?")[0] == url.split("?")[0]
+    got = svc.client.get(shown)
+    assert got.status_code == 200 and got.content == PNG
+
+
 # --- /files: signed, expiring -----------------------------------------------------------------------
 
 

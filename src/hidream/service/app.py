@@ -206,13 +206,22 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
 
     Key = Annotated[str, Depends(api_key)]
 
+    def owns(blob: str, key_id: str) -> bool:
+        """Whether `blob` is this key's upload, or an output of one of its predictions (to edit it further)."""
+        if blob.startswith("uploads/"):
+            return store.upload_owner(blob) == key_id
+        if blob.startswith("outputs/"):
+            row = store.get_task(blob.split("/")[1], key_id)
+            return row is not None and blob in row["outputs"]
+        return False
+
     async def reference(url: str, field: str, key_id: str) -> tuple[bytes, ImageInfo]:
         """The bytes of one reference image, checked to decode within the caps."""
         if url.startswith("data:"):
             data = decode_data_uri(url, policy, field)
         elif (blob := signer.key_of(url)) is not None:
-            if not blob.startswith("uploads/") or await run_in_threadpool(store.upload_owner, blob) != key_id:
-                raise BadRequest(f"{field}: {url[:200]} is not a file this API key uploaded")
+            if not await run_in_threadpool(owns, blob, key_id):
+                raise BadRequest(f"{field}: {url[:200]} is not a file this API key uploaded or generated")
             data = await run_in_threadpool(storage.get, blob)
         elif url.startswith(("http://", "https://")):
             data = await fetch_image(url, policy, field)

@@ -52,6 +52,11 @@ class Renderer:
             outputs = [f"data:{mime};base64,{base64.b64encode(self.storage.get(k)).decode()}" for k in row["outputs"]]
         else:
             outputs = [self.storage.public_url(k) or self.signer.url(k) for k in row["outputs"]]
+        # Our own file URLs among the references are signed afresh: a reopened prediction still shows them.
+        refs = [self.signer.url(k) if (k := self.signer.key_of(u)) is not None else u
+                for u in inp.get("reference_image_urls", [])]
+        if refs:
+            inp = inp | {"reference_image_urls": refs}
         webhook = None
         if row.get("webhook_url"):
             webhook = {"url": row["webhook_url"], "state": row.get("webhook_state") or "waiting",
