@@ -254,3 +254,11 @@ def test_a_sender_that_died_leaves_the_delivery_due_after_its_lease(store: Store
     with store.engine.begin() as conn:  # the lease ran out
         conn.execute(update(tasks).values(webhook_next_at=utcnow() - timedelta(seconds=1)))
     assert store.claim_webhook(30)["id"] == tid
+
+
+def test_a_task_never_starts_before_it_was_created(store: Store, key: str) -> None:
+    """A claim reads the time before it may wait for a submit's lock; the task it then finds is newer."""
+    tid = submit(store, key)
+    shift_created(store, tid, timedelta(seconds=2))  # as if created after the claim read the clock
+    row = store.claim("w", ["m"], 30)
+    assert row["id"] == tid and row["started_at"] == row["created_at"]

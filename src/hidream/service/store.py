@@ -430,7 +430,10 @@ class Store:
             oldest = oldest.with_for_update(skip_locked=True)
         stmt = (update(tasks).where(tasks.c.id == oldest.scalar_subquery(), tasks.c.status == "created")
                 .values(status="processing", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_s),
-                        attempts=tasks.c.attempts + 1, started_at=now,
+                        attempts=tasks.c.attempts + 1,
+                        # `now` was read before the statement waited for a concurrent submit's lock (SQLite):
+                        # a task queued meanwhile must not seem to start before it was created.
+                        started_at=case((tasks.c.created_at > now, tasks.c.created_at), else_=now),
                         progress_step=0, progress_total=None, preview=None, preview_step=None)
                 .returning(*tasks.c))
         with self.engine.begin() as conn:
