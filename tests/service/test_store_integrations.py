@@ -27,8 +27,9 @@ def submit(store: Store, key: str, **kwargs) -> str:
 
 
 def shift_created(store: Store, task_id: str, by: timedelta) -> None:
+    at = store.get_task(task_id)["created_at"] + by  # in Python: SQLite has no datetime arithmetic
     with store.engine.begin() as conn:
-        conn.execute(update(tasks).where(tasks.c.id == task_id).values(created_at=tasks.c.created_at + by))
+        conn.execute(update(tasks).where(tasks.c.id == task_id).values(created_at=at))
 
 
 # --- cancel ---------------------------------------------------------------------------------------------------
