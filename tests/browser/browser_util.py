@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 import server_util as su  # noqa: E402  (tests/service/server_util.py: real processes on loopback)
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's package by default; HIDREAM_TEST_CHROMIUM names another Chromium (e.g. on a machine without apt).
+CHROMIUM = Path(os.environ.get("HIDREAM_TEST_CHROMIUM") or "/usr/bin/chromium")
 # Headless, and nothing that reaches out to the network on its own (this machine's network is closed,
 # and Chromium's background fetches would only retry against it).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
