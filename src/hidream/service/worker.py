@@ -230,9 +230,10 @@ class Worker:
 
         def progress(step: int, total: int, preview) -> None:
             now = time.monotonic()
-            # A preview every `every` steps (and of the last step); plain progress at most 4 times a second.
+            # A preview every `every` steps (not of the last: the images follow at once); plain progress at
+            # most 4 times a second.
             image = None
-            if every > 0 and (step % every == 0 or step == total):
+            if every > 0 and step % every == 0 and step < total:
                 try:
                     image = preview_data_uri(preview(), self.settings.preview_size)
                 except Exception:  # a preview is a nicety: its failure must not fail the task
