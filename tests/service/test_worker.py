@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
+from hidream.service.errors import NotFound
 from hidream.service.settings import Settings
 from hidream.service.storage import LocalStorage
 from hidream.service.store import Store
@@ -189,3 +190,25 @@ def test_worker_state_machine_refuses_illegal_transitions(service):
     worker = Worker(settings, store, storage, SolidEngine)
     with pytest.raises(RuntimeError, match="illegal transition starting -> running"):
         worker._to(WorkerState.RUNNING)
+
+
+def test_a_cancel_that_comes_after_the_last_step_keeps_no_images_and_charges_nothing(service):
+    """The engine is past its last cancel check when the cancel comes: the images it made are stored, then
+    completion is refused, the task ends canceled and the stored files are deleted."""
+    settings, store, storage, key_id = service
+    tid = submit(store, key_id)
+
+    class CanceledAtTheEnd(SolidEngine):
+        def generate(self, request, progress=None, should_cancel=None):
+            result = super().generate(request, progress, should_cancel)
+            assert store.cancel(tid, key_id) == "requested"
+            return result
+
+    worker = Worker(settings, store, storage, CanceledAtTheEnd)
+    run_until(worker, lambda: store.get_task(tid)["status"] == "failed")
+    row = store.get_task(tid)
+    assert (row["error"], row["outputs"]) == ("canceled", [])
+    assert store.charges(tid) == 0
+    for i in range(2):
+        with pytest.raises(NotFound):
+            storage.get(f"outputs/{tid}/{i}.png")
