@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,16 @@ def test_generate_writes_a_png(tmp_path: Path, demo_checkpoint: Path, capsys) ->
     out = generate(capsys, demo_checkpoint, output, *FAST)
     with Image.open(output) as im:
         assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
-    assert str(output) in out and "64x64" in out and "seed 0" in out and "2 steps" in out
+    assert str(output) in out and "64x64" in out and "2 steps" in out
+
+
+def test_the_default_seed_is_random_and_printed_to_reproduce(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    """As in the API: no --seed draws one, says which; passing it back gives the same image."""
+    outs = [generate(capsys, demo_checkpoint, tmp_path / f"{i}.png", *FAST) for i in range(2)]
+    seeds = [int(re.search(r"seed (\d+)", out).group(1)) for out in outs]
+    assert seeds[0] != seeds[1]
+    generate(capsys, demo_checkpoint, tmp_path / "again.png", *FAST, "--seed", str(seeds[1]))
+    assert pixels(tmp_path / "again.png") == pixels(tmp_path / "1.png") != pixels(tmp_path / "0.png")
 
 
 def test_generate_without_model_uses_the_demo_checkpoint(tmp_path: Path, isolated_home: Path, capsys) -> None:
@@ -141,10 +151,10 @@ def test_edit_keeps_the_reference_aspect(tmp_path: Path, demo_checkpoint: Path, 
     ref = write_png(tmp_path / "ref.png", (300, 100))
     output = tmp_path / "edit.png"
     out = generate(capsys, demo_checkpoint, output, "--ref", ref, "--keep-original-aspect",
-                   "--steps", "1", "--guidance", "0", "-q", prompt="make it blue")
+                   "--steps", "1", "--guidance", "1", "-q", prompt="make it blue")
     with Image.open(output) as im:
         width, height = im.size
-    # (--steps 1 --guidance 0: one forward pass over a ~3500x1150 target and reference, to stay fast.)
+    # (--steps 1 --guidance 1: one forward pass over a ~3500x1150 target and reference, to stay fast.)
     # By hand: scale = sqrt(2048^2 / (300*100)) -> 3547.2 x 1182.4, each floored to a multiple of 32.
     assert (width, height) == (3520, 1152)
     assert width % 32 == 0 and height % 32 == 0 and width * height <= 2048 * 2048
@@ -164,7 +174,7 @@ def error_cases(tmp: Path, model: Path) -> dict[str, tuple[list[str], list[str]]
     m = ["--model", str(model)]
     return {
         "missing-model": (["a cat", "--model", str(missing_model), *FAST], [str(missing_model)]),
-        "size-100": (["a cat", *m, "--size", "100x100"], ["width", "100", "multiple of 32"]),
+        "size-100": (["a cat", *m, "--size", "40x40"], ["--size", "40x40", "multiple of 32"]),
         "size-banana": (["a cat", *m, "--size", "banana"], ["--size", "banana"]),
         "steps-0": (["a cat", *m, *FAST, "--steps", "0"], ["steps", "0"]),
         "steps-101": (["a cat", *m, *FAST, "--steps", "101"], ["steps", "101"]),

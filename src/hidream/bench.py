@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hidream.sizes import parse_size
+from hidream.sizes import resolve_size
 
 PROMPT = ("medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
           "with a calm and composed expression. She wears a cream-colored satin robe with delicate floral "
@@ -103,7 +103,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = _dtype(args.dtype) or default_dtype(device)
-    width, height = parse_size(args.size, "--size")
+    width, height = resolve_size(args.size, "--size")
     with tempfile.TemporaryDirectory() as tmp:
         if args.config:
             engine = random_engine(args.config, device, dtype, Path(tmp))

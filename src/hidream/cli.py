@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from hidream.client import Client, ClientError
 from hidream.engine.errors import HiDreamError, InvalidRequestError
 from hidream.service.errors import ServiceError
 from hidream.service.settings import default_home
-from hidream.sizes import SIZE_PRESETS, parse_size
+from hidream.rules import DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_SEED, RANDOM_SEED, STEPS_RULE
+from hidream.sizes import SIZE_HELP, resolve_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-DEMO_SIZE = "512x512"
 
 
 def demo_checkpoint() -> Path:
@@ -74,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hidream.engine.pipeline import Engine, GenerationRequest
 
     checkpoint, is_demo = resolve_model(args.model)
-    width, height = parse_size(args.size or (DEMO_SIZE if is_demo else "square_hd"), "--size")
+    width, height = resolve_size(args.size or (DEMO_SIZE if is_demo else DEFAULT_SIZE), "--size")
     fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "PNG").lower()
     paths = output_paths(Path(args.output), args.num_images, fmt)
     if is_demo:
@@ -82,10 +83,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
     references = [load_image(path, "--ref") for path in args.ref or []]
     engine = Engine.load(checkpoint, device=args.device, dtype=_dtype(args.dtype), variant=args.variant)
+    seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
     request = GenerationRequest(
         prompt=args.prompt, width=width, height=height, references=references,
         keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
-        shift=args.shift, seed=args.seed, num_images=args.num_images,
+        shift=args.shift, seed=seed, num_images=args.num_images,
     )
     engine.validate(request)
     with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
@@ -224,13 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate an image from a prompt (and reference images)")
     g.add_argument("prompt")
     add_model_args(g)
-    g.add_argument("--size", help=f"preset ({', '.join(SIZE_PRESETS)}) or WxH (default: square_hd; "
-                                  f"{DEMO_SIZE} on the demo checkpoint)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: the recipe's, 50 full / 28 dev)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance (default: 5.0 full / 0 dev)")
+    g.add_argument("--size", help=f"{SIZE_HELP} (default: {DEFAULT_SIZE}; {DEMO_SIZE[0]}x{DEMO_SIZE[1]} on the "
+                                  "demo checkpoint)")
+    g.add_argument("--steps", type=int, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
+                                             "(default: the recipe's, 50 full / 28 dev)")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance: {GUIDANCE_RULE.removeprefix('must be ')} "
+                                                  "(default: 5.0 full / 1.0 dev)")
     g.add_argument("--shift", type=float, help="timestep shift (default: 3.0; 1.0 with 2+ references)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1, help="image i uses seed + i")
+    g.add_argument("--seed", type=int, default=RANDOM_SEED,
+                   help=f"0 to {MAX_SEED}; default {RANDOM_SEED}: a random seed, printed with the image "
+                        "(pass it back to get the same image)")
+    g.add_argument("--num-images", type=int, default=1,
+                   help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses seed + i")
     g.add_argument("--ref", nargs="+", metavar="IMAGE", help="reference image(s): 1 edits, 2-10 personalize")
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
@@ -245,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference image(s), files (uploaded first) or URLs: 1 edits, 2-10 personalize")
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
-    sm.add_argument("--size", help=f"preset ({', '.join(SIZE_PRESETS)}) or WxH (default: the server's)")
+    sm.add_argument("--size", help=f"{SIZE_HELP} (default: the server's, {DEFAULT_SIZE})")
     sm.add_argument("--steps", type=int, help="denoising steps (default: the served recipe's)")
     sm.add_argument("--guidance", type=float, help="guidance scale (default: the served recipe's)")
     sm.add_argument("--seed", type=int, help="default: random (the seed used is in the prediction)")

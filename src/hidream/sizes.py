@@ -1,4 +1,4 @@
-"""Output sizes: the API's named presets and custom `WxH` strings."""
+"""Output sizes: the named presets, custom `WxH` sizes, and the reference-fitting rule of the official code."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import re
 
 from hidream.engine.errors import InvalidRequestError
+from hidream.rules import MULTIPLE, SIZE_RULE, size_problem
 
 # width, height
 SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -16,22 +17,38 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "landscape_4_3": (2304, 1728),
     "landscape_16_9": (2560, 1440),
 }
+SIZE_HELP = (f"one of {', '.join(SIZE_PRESETS)}, or WxH (also W*H) with {SIZE_RULE}; custom sides are "
+             f"rounded to multiples of {MULTIPLE}")
 
-_CUSTOM = re.compile(r"^\s*(\d{1,5})\s*[x*X×]\s*(\d{1,5})\s*$")
-
-
-def parse_size(value: str, field: str = "size") -> tuple[int, int]:
-    """A preset name or `WxH` / `W*H` -> (width, height); sizes are not snapped, only parsed."""
-    if value in SIZE_PRESETS:
-        return SIZE_PRESETS[value]
-    match = _CUSTOM.match(value)
-    if not match:
-        names = ", ".join(SIZE_PRESETS)
-        raise InvalidRequestError(field, f"must be a preset ({names}) or WxH such as 1024x768 (got {value!r})")
-    return int(match.group(1)), int(match.group(2))
+_CUSTOM = re.compile(r"^\s*(\d{1,6})\s*[x*X×]\s*(\d{1,6})\s*$")
 
 
-def fit_size(width: int, height: int, side: int, multiple: int = 32) -> tuple[int, int]:
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resolve_size(value: str | tuple[int, int], field: str = "size") -> tuple[int, int]:
+    """(width, height) of a preset name, a `WxH` / `W*H` string or a (W, H) pair.
+
+    Custom sides are rounded to the nearest multiple of 32, then checked against the size rule;
+    InvalidRequestError naming `field` and the value given otherwise.
+    """
+    if isinstance(value, str) and value.strip() in SIZE_PRESETS:
+        return SIZE_PRESETS[value.strip()]
+    if isinstance(value, str):
+        match = _CUSTOM.match(value)
+        pair = (int(match.group(1)), int(match.group(2))) if match else None
+    else:
+        pair = tuple(value) if isinstance(value, tuple | list) and len(value) == 2 else None
+    if pair is not None and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6 for v in pair):
+        width, height = (round(v / MULTIPLE) * MULTIPLE for v in pair)
+        if size_problem(width, height) is None:
+            return width, height
+    raise InvalidRequestError(field, f"must be {SIZE_HELP} (got {_shown(value)})")
+
+
+def fit_size(width: int, height: int, side: int, multiple: int = MULTIPLE) -> tuple[int, int]:
     """The official reference sizing: the largest `multiple`-aligned size of the image's aspect with
     area <= side**2 (after the integer halvings that precede it); ValueError if a side would be 0."""
     if side <= 0:

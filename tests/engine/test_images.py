@@ -208,11 +208,12 @@ def test_prepare_references_without_images():
 def test_prepare_references_reports_unusable_reference():
     with pytest.raises(InvalidRequestError) as err:
         prepare_references([noise(64, 64)] * 10, 64, 64, keep_original_aspect=False)
-    assert err.value.field == "images"
-    with pytest.raises(InvalidRequestError, match="aspect"):
+    assert err.value.field == "images[0]"
+    with pytest.raises(InvalidRequestError, match="aspect") as err:
         # 6000x40 at K=1 on 512x512: scale 512/489.90 = 1.04511 -> 6270.7 x 41.8 -> 6240 x 32 (195:1);
         # its 384 condition height is sqrt(384^2*195)/195 = 27.5 -> 0.
         prepare_references([noise(6000, 40)], 512, 512, keep_original_aspect=False, field="refs")
+    assert err.value.field == "refs[0]"
 
 
 # --- tensors -----------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def test_load_image_refuses_unlisted_formats():
 # --- target size -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(64, 64), (4096, 4096), (2304, 1728), (1312, 3104)])
+@pytest.mark.parametrize("size", [(64, 64), (2048, 2048), (4096, 1024), (64, 4096), (2304, 1728), (1312, 3104)])
 def test_check_size_accepts(size):
     check_size(*size)
 
@@ -340,10 +341,39 @@ def test_check_size_accepts(size):
 @pytest.mark.parametrize(
     "size, field",
     [((2000, 1024), "width"), ((1024, 1000), "height"), ((32, 64), "width"), ((64, 4128), "height"),
-     ((0, 64), "width"), ((1024.0, 1024), "width"), ((1024, True), "height")],
+     ((0, 64), "width"), ((1024.0, 1024), "width"), ((1024, True), "height"), ((4096, 4096), "size"),
+     ((2080, 2048), "size")],
 )
 def test_check_size_rejects(size, field):
     with pytest.raises(InvalidRequestError) as err:
         check_size(*size)
     assert err.value.field == field
     assert str(err.value).startswith(f"{field}: ")
+
+
+# --- the plan: reference checks without pixels (what the service runs at submit) ---------------------------
+
+
+@pytest.mark.parametrize("size", [(1, 100000), (100000, 1), (2, 4000), (4000, 2)])
+def test_plan_refuses_thin_references(size):
+    with pytest.raises(InvalidRequestError) as err:
+        images.plan_references([(64, 64), size], 2304, 1728, keep_original_aspect=False, field="refs")
+    assert err.value.field == "refs[1]"
+    assert f"{size[0]}x{size[1]}" in err.value.rule
+
+
+@pytest.mark.parametrize("size", [(32, 2048), (4000, 2), (2048, 200)])
+def test_plan_refuses_keep_aspect_outputs_that_break_the_size_rule(size):
+    with pytest.raises(InvalidRequestError) as err:
+        images.plan_references([size], 1024, 1024, keep_original_aspect=True, field="refs")
+    assert err.value.field == "refs[0]"
+    assert "keep_original_aspect" in err.value.rule or "small or thin" in err.value.rule
+
+
+@pytest.mark.parametrize(("sizes", "keep"), [([(3000, 1000)], True), ([(640, 480)], False),
+                                             ([(640, 480), (300, 900), (1000, 1000)], False)])
+def test_plan_agrees_with_the_pixels(sizes, keep):
+    plan = images.plan_references(sizes, 1024, 768, keep)
+    w, h, refs, for_vit = prepare_references([noise(*s) for s in sizes], 1024, 768, keep)
+    assert (plan.width, plan.height) == (w, h)
+    assert plan.sizes == [r.size for r in refs] and plan.vit_sizes == [r.size for r in for_vit]

@@ -35,7 +35,7 @@ def test_recipes_match_the_official_defaults():
     assert recipe_for("full", 1).shift == 3.0
     assert recipe_for("full", 2).shift == 1.0  # the official personalization examples
     dev = recipe_for("dev", 0)
-    assert (dev.steps, dev.guidance, dev.scheduler, dev.noise_scale, dev.noise_clip_std) == (28, 0.0, "flash", 7.5, 2.5)
+    assert (dev.steps, dev.guidance, dev.scheduler, dev.noise_scale, dev.noise_clip_std) == (28, 1.0, "flash", 7.5, 2.5)
     dev_edit = recipe_for("dev", 1)
     assert (dev_edit.scheduler, dev_edit.noise_scale) == ("euler", 8.0)
     assert recipe_for("dev", 3).scheduler == "flash"
@@ -152,7 +152,7 @@ def test_dev_recipe_uses_the_fixed_timesteps_and_flash(dev_engine):
             previews.append(preview())
 
     res = dev_engine.generate(GenerationRequest("a dog", width=64, height=64, seed=3), progress=progress)
-    assert res.steps == len(DEV_TIMESTEPS) == 28 and res.guidance == 0.0 and res.scheduler == "flash"
+    assert res.steps == len(DEV_TIMESTEPS) == 28 and res.guidance == 1.0 and res.scheduler == "flash"
     assert totals == [(i, 28) for i in range(1, 29)]
     assert previews[0].size == (64, 64)
     again = dev_engine.generate(GenerationRequest("a dog", width=64, height=64, seed=3))
@@ -212,6 +212,8 @@ def test_cancel_stops_between_steps(engine):
     ({"steps": 0}, "steps"),
     ({"steps": 101}, "steps"),
     ({"guidance": -0.5}, "guidance"),
+    ({"guidance": 0.5}, "guidance"),  # under 1.0 would silently act as 1.0 (no guidance)
+    ({"width": 4096, "height": 2048}, "size"),  # sides fine, area over 2048x2048
     ({"guidance": 21.0}, "guidance"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"),
@@ -219,7 +221,7 @@ def test_cancel_stops_between_steps(engine):
     ({"references": [Image.new("RGB", (64, 64))] * 11}, "references"),
     ({"references": [b"not an image"]}, "references[0]"),
     ({"references": ["/no/such/file.png"]}, "references[0]"),
-    ({"references": [Image.new("RGB", (64, 64))] * 10}, "references"),  # 10 refs need a larger target
+    ({"references": [Image.new("RGB", (64, 64))] * 10}, "references[0]"),  # 10 refs need a larger target
 ])
 def test_bad_requests_name_the_field(engine, change, field):
     fields = {"prompt": "ok", "width": 64, "height": 64, "steps": 1} | change

@@ -119,7 +119,7 @@ def test_renew_extends_and_fails_after_takeover(store: Store, key: str) -> None:
     assert store.get_task(tid)["lease_expires_at"] > first["lease_expires_at"] + timedelta(seconds=100)
     assert not store.renew(tid, "w2", 120)  # not w2's
     expire_lease(store, tid)
-    assert store.recover_expired(3) == (1, 0)
+    assert store.recover_expired(3) == (1, [])
     assert store.claim("w2", ["m"], 30)["attempts"] == 2
     assert not store.renew(tid, "w1", 30)
     assert store.renew(tid, "w2", 30)
@@ -132,18 +132,18 @@ def test_recover_expired_requeues_then_fails(store: Store, key: str) -> None:
     assert store.claim("w1", ["m"], 0.01)["id"] == tid
     assert store.claim("w2", ["m"], 60)["id"] == live
     time.sleep(0.05)
-    assert store.recover_expired(2) == (1, 0)
+    assert store.recover_expired(2) == (1, [])
     row = store.get_task(tid)
     assert (row["status"], row["lease_owner"], row["lease_expires_at"], row["attempts"]) == ("created", None, None, 1)
     assert store.get_task(live)["status"] == "processing"  # a live lease is left alone
     assert store.claim("w3", ["m"], 0.01)["attempts"] == 2
     time.sleep(0.05)
-    assert store.recover_expired(2) == (0, 1)
+    assert store.recover_expired(2) == (0, [tid])
     row = store.get_task(tid)
     assert row["status"] == "failed" and row["lease_owner"] is None and row["completed_at"] is not None
     assert "stopped responding 2 times" in row["error"]
     assert store.charges(tid) == 0
-    assert store.recover_expired(2) == (0, 0)
+    assert store.recover_expired(2) == (0, [])
     assert not store.complete(tid, "w3", outputs(tid, 1), 1, PRICE)  # the dead worker wakes up: no charge
     assert store.charges(tid) == 0
 
@@ -518,7 +518,7 @@ def test_lifecycle_state_machine(store_url: str) -> None:
             expire_lease(self.store, tid)
             m = self.model[tid]
             give_up = m["attempts"] >= max_attempts
-            assert self.store.recover_expired(max_attempts) == ((0, 1) if give_up else (1, 0))
+            assert self.store.recover_expired(max_attempts) == ((0, [tid]) if give_up else (1, []))
             m.update(status="failed" if give_up else "created", owner=None)
 
         @invariant()

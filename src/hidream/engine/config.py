@@ -40,7 +40,7 @@ class Recipe:
 
 FULL_RECIPE = Recipe("full", steps=50, guidance=5.0, shift=3.0, scheduler="unipc", noise_scale=8.0, noise_scale_end=8.0)
 DEV_RECIPE = Recipe(
-    "dev", steps=28, guidance=0.0, shift=1.0, scheduler="flash",
+    "dev", steps=28, guidance=1.0, shift=1.0, scheduler="flash",
     noise_scale=7.5, noise_scale_end=7.5, noise_clip_std=2.5, fixed_timesteps=True,
 )
 

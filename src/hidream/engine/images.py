@@ -6,6 +6,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import einops
 import numpy as np
@@ -13,13 +14,12 @@ import torch
 from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
+from hidream.rules import MULTIPLE, size_problem
 from hidream.sizes import fit_size
 
-PATCH_SIZE = 32
+PATCH_SIZE = MULTIPLE
 CONDITION_IMAGE_SIZE = 384
 KEEP_ASPECT_SIDE = 2048
-MIN_SIZE = 64
-MAX_SIZE = 4096
 
 # Only the everyday raster formats: some Pillow plugins (EPS runs Ghostscript) are unsafe on untrusted input.
 _ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
@@ -118,6 +118,47 @@ def condition_size(side: int, ratio: float) -> tuple[int, int]:
     return int(width / 32) * 32, int(height / 32) * 32
 
 
+@dataclass(frozen=True)
+class ReferencePlan:
+    """What `prepare_references` makes of references of given sizes: all sizes are (width, height)."""
+
+    width: int  # the output's, which keep_original_aspect takes from the reference
+    height: int
+    side: int  # each reference's area budget is side**2
+    sizes: list[tuple[int, int]]  # each reference in the generation sequence
+    vit_sizes: list[tuple[int, int]]  # each reference's copy for the vision encoder
+
+
+def plan_references(sizes: Sequence[tuple[int, int]], width: int, height: int, keep_original_aspect: bool,
+                    *, field: str = "images") -> ReferencePlan:
+    """The sizes of every reference and of the output, checked without touching a pixel (so a service can
+    refuse a request before it is queued); InvalidRequestError naming `field[i]` for an unusable reference."""
+    count = len(sizes)
+    keep = keep_original_aspect and count == 1
+    side = KEEP_ASPECT_SIDE if keep else reference_side(count, width, height)
+    fitted = []
+    for i, (w, h) in enumerate(sizes):
+        try:
+            fitted.append(fit_size(w, h, side))
+        except ValueError:
+            raise InvalidRequestError(f"{field}[{i}]", f"a {w}x{h} image is too small or thin for a {side}px "
+                                                       f"budget (a side would be under {PATCH_SIZE} pixels)") from None
+    if keep:
+        width, height = fitted[0]
+        if (problem := size_problem(width, height)) is not None:
+            w, h = sizes[0]
+            raise InvalidRequestError(f"{field}[0]", f"with keep_original_aspect a {w}x{h} image gives a "
+                                                     f"{width}x{height} output, whose {problem[0]} {problem[1]}")
+    vit_sizes = []
+    for i, (w, h) in enumerate(fitted):
+        cond_w, cond_h = condition_size(condition_side(count), w / h)
+        if cond_w == 0 or cond_h == 0:
+            raise InvalidRequestError(f"{field}[{i}]", f"a {sizes[i][0]}x{sizes[i][1]} image has too extreme an "
+                                                       f"aspect ratio (its {w}x{h} copy cannot be encoded)")
+        vit_sizes.append((cond_w, cond_h))
+    return ReferencePlan(width, height, side, fitted, vit_sizes)
+
+
 def prepare_references(
     images: Sequence[Image.Image],
     width: int,
@@ -127,32 +168,10 @@ def prepare_references(
     field: str = "images",
 ) -> tuple[int, int, list[Image.Image], list[Image.Image]]:
     """Size the references for the target; returns (width, height, refs_resized, refs_for_vit)."""
-    count = len(images)
-    if keep_original_aspect and count == 1:
-        refs = [_fit_reference(images[0], KEEP_ASPECT_SIDE, field, 0)]
-        width, height = refs[0].size
-    else:
-        side = reference_side(count, width, height)
-        refs = [_fit_reference(img, side, field, i) for i, img in enumerate(images)]
-
-    cond_side = condition_side(count)
-    for_vit = []
-    for i, ref in enumerate(refs):
-        cond_w, cond_h = condition_size(cond_side, ref.width / ref.height)
-        if cond_w == 0 or cond_h == 0:
-            rule = f"reference {i} ({ref.width}x{ref.height}) has too extreme an aspect ratio"
-            raise InvalidRequestError(field, rule)
-        for_vit.append(ref.resize((cond_w, cond_h), resample=Image.LANCZOS))
-    return width, height, refs, for_vit
-
-
-def _fit_reference(img: Image.Image, side: int, field: str, index: int) -> Image.Image:
-    """fit_to_area, reporting a degenerate result as the caller's mistake."""
-    try:
-        return fit_to_area(img, side)
-    except ValueError:
-        rule = f"reference {index} ({img.width}x{img.height}) is too small or thin for a {side}px budget"
-        raise InvalidRequestError(field, rule) from None
+    plan = plan_references([img.size for img in images], width, height, keep_original_aspect, field=field)
+    refs = [fit_to_area(img, plan.side) for img in images]
+    for_vit = [ref.resize(size, resample=Image.LANCZOS) for ref, size in zip(refs, plan.vit_sizes, strict=True)]
+    return plan.width, plan.height, refs, for_vit
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -194,10 +213,7 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def check_size(width: int, height: int) -> None:
-    """Reject a target size that is not a multiple of 32 within [64, 4096]."""
-    for name, value in (("width", width), ("height", height)):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if not ok or value % PATCH_SIZE or not MIN_SIZE <= value <= MAX_SIZE:
-            raise InvalidRequestError(
-                name, f"must be a multiple of {PATCH_SIZE} from {MIN_SIZE} to {MAX_SIZE}, got {value!r}"
-            )
+    """Reject a target size that breaks the size rule (`hidream.rules`), naming width, height or size."""
+    problem = size_problem(width, height)
+    if problem is not None:
+        raise InvalidRequestError(*problem)

@@ -30,11 +30,18 @@ from hidream.engine.schedulers import (
     unipc_schedule,
 )
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
+from hidream.rules import (
+    GUIDANCE_RULE,
+    IMAGES_RULE,
+    MAX_REFERENCES,
+    MAX_SEED,
+    STEPS_RULE,
+    guidance_ok,
+    images_ok,
+    seed_ok,
+    steps_ok,
+)
 
-MAX_REFERENCES = 10
-MAX_STEPS = 100
-MAX_GUIDANCE = 20.0
-MAX_SEED = 2**32 - 1
 
 ImageInput = str | Path | bytes | Image.Image
 # progress(step, total, preview): preview() -> the current x0 estimate as an image.
@@ -150,16 +157,16 @@ class Engine:
         img.check_size(req.width, req.height)
         if len(req.references) > MAX_REFERENCES:
             raise InvalidRequestError("references", f"at most {MAX_REFERENCES} images (got {len(req.references)})")
-        if req.steps is not None and not (isinstance(req.steps, int) and 1 <= req.steps <= MAX_STEPS):
-            raise InvalidRequestError("steps", f"must be an integer from 1 to {MAX_STEPS} (got {req.steps})")
-        if req.guidance is not None and not (0.0 <= req.guidance <= MAX_GUIDANCE):
-            raise InvalidRequestError("guidance", f"must be from 0 to {MAX_GUIDANCE:g} (got {req.guidance})")
+        if req.steps is not None and not steps_ok(req.steps):
+            raise InvalidRequestError("steps", f"{STEPS_RULE} (got {req.steps!r})")
+        if req.guidance is not None and not (isinstance(req.guidance, int | float) and guidance_ok(req.guidance)):
+            raise InvalidRequestError("guidance", f"{GUIDANCE_RULE} (got {req.guidance!r})")
         if req.shift is not None and not (0.0 < req.shift <= 100.0):
             raise InvalidRequestError("shift", f"must be above 0 and at most 100 (got {req.shift})")
-        if not (isinstance(req.seed, int) and 0 <= req.seed <= MAX_SEED):
-            raise InvalidRequestError("seed", f"must be an integer from 0 to {MAX_SEED} (got {req.seed})")
-        if not (isinstance(req.num_images, int) and 1 <= req.num_images <= 4):
-            raise InvalidRequestError("num_images", f"must be an integer from 1 to 4 (got {req.num_images})")
+        if not seed_ok(req.seed, random_allowed=False):
+            raise InvalidRequestError("seed", f"must be an integer from 0 to {MAX_SEED} (got {req.seed!r})")
+        if not images_ok(req.num_images):
+            raise InvalidRequestError("num_images", f"{IMAGES_RULE} (got {req.num_images!r})")
         if req.scheduler not in (None, "unipc", "flash", "euler"):
             raise InvalidRequestError("scheduler", f"must be unipc, flash or euler (got {req.scheduler!r})")
 

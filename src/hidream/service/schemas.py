@@ -7,27 +7,45 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hidream import sizes
+from hidream.engine.errors import InvalidRequestError
 from hidream.prompts import control_token_in
+from hidream.rules import (
+    DEFAULT_SIZE,
+    DEMO_SIZE,
+    GUIDANCE_RULE,
+    IMAGES_RULE,
+    MAX_AREA,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT,
+    MAX_REFERENCES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    MIN_SIDE,
+    MULTIPLE,
+    RANDOM_SEED,
+    SEED_RULE,
+    SIZE_RULE,
+    STEPS_RULE,
+)
 from hidream.sizes import SIZE_PRESETS
-
-MAX_PROMPT = 5000
-MAX_REFERENCES = 10
-MAX_SEED = 2**32 - 1
-CUSTOM_MIN, CUSTOM_MAX, CUSTOM_AREA = 256, 3104, 2048 * 2048
 
 RULES = {
     "model": "is required: one of the ids GET /api/v1/models lists",
     "prompt": f"must be a string of 1 to {MAX_PROMPT:,} characters, not only whitespace",
     "image_size": (f"must be one of {', '.join(SIZE_PRESETS)}, or \"W*H\", \"WxH\" or "
-                   f"{{\"width\": W, \"height\": H}} with sides from {CUSTOM_MIN} to {CUSTOM_MAX} "
-                   "and at most 2048x2048 pixels"),
-    "num_inference_steps": "must be an integer from 1 to 100",
-    "guidance_scale": "must be a number from 1.0 to 20.0",
+                   f"{{\"width\": W, \"height\": H}} with {SIZE_RULE} (custom sides are rounded to "
+                   f"multiples of {MULTIPLE})"),
+    "num_inference_steps": STEPS_RULE,
+    "guidance_scale": GUIDANCE_RULE,
     "output_format": "must be png, jpeg or webp",
-    "seed": f"must be an integer from 0 to {MAX_SEED}, or -1 for random",
+    "seed": SEED_RULE,
     "reference_image_urls": f"must be a list of 0 to {MAX_REFERENCES} URLs (http, https, data: or from uploadMedia)",
     "keep_original_aspect": "must be true or false",
-    "num_images": "must be an integer from 1 to 4",
+    "num_images": IMAGES_RULE,
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
     "webhook_url": "must be an http or https URL of at most 2,048 characters",
@@ -47,15 +65,15 @@ class GenerateImageRequest(BaseModel):
 
     model: str
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
-    image_size: str | SizeObject = "landscape_4_3"
+    image_size: str | SizeObject = DEFAULT_SIZE
     # None: the served recipe's default (50 and 5.0 for the full model, 28 and 1.0 for Dev)
-    num_inference_steps: int | None = Field(None, ge=1, le=100)
-    guidance_scale: float | None = Field(None, ge=1.0, le=20.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    seed: int = Field(RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
     reference_image_urls: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
     keep_original_aspect: bool = False
-    num_images: int = Field(1, ge=1, le=4)
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
     webhook_url: str | None = Field(None, min_length=1, max_length=2048)
@@ -78,25 +96,14 @@ class GenerateImageRequest(BaseModel):
 
 
 def resolve_size(value: str | SizeObject) -> tuple[int, int]:
-    """(width, height) of a preset or a custom size rounded to multiples of 32; ValueError if out of range."""
-    if isinstance(value, str):
-        if value in SIZE_PRESETS:
-            return SIZE_PRESETS[value]
-        sep = next((s for s in ("*", "x", "X") if s in value), None)
-        if sep is None:
-            raise ValueError(value)
-        w_s, _, h_s = value.partition(sep)
-        if not (w_s.strip().isdigit() and h_s.strip().isdigit()):
-            raise ValueError(value)
-        w, h = int(w_s), int(h_s)
-    else:
-        w, h = value.width, value.height
-    if not (0 < w <= 100_000 and 0 < h <= 100_000):
-        raise ValueError(f"{w}x{h}")
-    w, h = round(w / 32) * 32, round(h / 32) * 32
-    if not (CUSTOM_MIN <= w <= CUSTOM_MAX and CUSTOM_MIN <= h <= CUSTOM_MAX and w * h <= CUSTOM_AREA):
-        raise ValueError(f"{w}x{h}")
-    return w, h
+    """(width, height) of a preset or a custom size rounded to multiples of 32; BadRequest naming image_size."""
+    from hidream.service.errors import BadRequest
+
+    try:
+        return sizes.resolve_size(value if isinstance(value, str) else (value.width, value.height), "image_size")
+    except InvalidRequestError:
+        shown = value if isinstance(value, str) else value.model_dump()
+        raise BadRequest(f"image_size: {RULES['image_size']} (got {_shown(shown)})") from None
 
 
 def _shown(value: Any) -> str:
@@ -106,7 +113,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
+# Query parameters' rules, for the messages of the routes that take them.
+QUERY_RULES = {"limit": "must be an integer from 1 to 100", "previews": "must be true or false"}
+
+
+def validation_message(err: ValidationError | list[dict[str, Any]], extra_rules: dict[str, str] | None = None) -> str:
     """The first problem as `field: rule (got value)`."""
     errors = err.errors() if isinstance(err, ValidationError) else err
     e = errors[0]
@@ -124,7 +135,7 @@ def validation_message(err: ValidationError | list[dict[str, Any]]) -> str:
         return f"{field}: unknown field (allowed: {', '.join(RULES)})"
     if kind == "missing":
         return f"{field}: is required"
-    rule = RULES.get(name, e.get("msg", "is invalid"))
+    rule = (extra_rules or {}).get(name) or RULES.get(name, e.get("msg", "is invalid"))
     if name == "prompt" and "control token" in e.get("msg", ""):
         rule = e["msg"].removeprefix("Value error, ")
     if name == "reference_image_urls" and len(loc) > 1:
@@ -213,6 +224,9 @@ class ModelInfo(BaseModel):
     id: str
     aliases: list[str]
     price_per_image_usd: float
+    demo: bool = Field(description="true: the demo checkpoint (random weights, images are noise)")
+    suggested: dict[str, Any] = Field(description="values to preselect instead of the defaults (the demo's "
+                                                  "small size); empty on real weights")
     parameters: dict[str, Any]
 
 
@@ -248,21 +262,27 @@ class ErrorEnvelope(Envelope):
     data: None = None
 
 
+def suggested_values(demo: bool) -> dict[str, Any]:
+    """Values a client may preselect instead of the defaults: on the demo checkpoint (random weights) a small
+    size that runs in seconds on a CPU; nothing on real weights. The defaults stay the contract's either way."""
+    return {"image_size": {"width": DEMO_SIZE[0], "height": DEMO_SIZE[1]}} if demo else {}
+
+
 def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
     """What GET /api/v1/models tells a client about each field: type, default, range."""
     return {
         "prompt": {"type": "string", "required": True, "max_length": MAX_PROMPT},
-        "image_size": {"type": "string|object", "default": "landscape_4_3",
+        "image_size": {"type": "string|object", "default": DEFAULT_SIZE,
                        "presets": {k: {"width": w, "height": h} for k, (w, h) in SIZE_PRESETS.items()},
-                       "custom": {"min_side": CUSTOM_MIN, "max_side": CUSTOM_MAX, "max_pixels": CUSTOM_AREA,
-                                  "multiple_of": 32}},
-        "num_inference_steps": {"type": "integer", "default": steps, "minimum": 1, "maximum": 100},
-        "guidance_scale": {"type": "number", "default": guidance, "minimum": 1.0, "maximum": 20.0},
+                       "custom": {"min_side": MIN_SIDE, "max_side": MAX_SIDE, "max_pixels": MAX_AREA,
+                                  "multiple_of": MULTIPLE}},
+        "num_inference_steps": {"type": "integer", "default": steps, "minimum": 1, "maximum": MAX_STEPS},
+        "guidance_scale": {"type": "number", "default": guidance, "minimum": MIN_GUIDANCE, "maximum": MAX_GUIDANCE},
         "output_format": {"type": "string", "default": "png", "enum": ["png", "jpeg", "webp"]},
-        "seed": {"type": "integer", "default": -1, "minimum": -1, "maximum": MAX_SEED},
+        "seed": {"type": "integer", "default": RANDOM_SEED, "minimum": RANDOM_SEED, "maximum": MAX_SEED},
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
         "keep_original_aspect": {"type": "boolean", "default": False},
-        "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
+        "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_IMAGES},
         "enable_sync_mode": {"type": "boolean", "default": False},
         "enable_base64_output": {"type": "boolean", "default": False},
         "webhook_url": {"type": "string", "default": None, "max_length": 2048},

@@ -27,6 +27,10 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
     def delete(self, key: str) -> None: ...
 
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last modified as Unix seconds) of every file whose key starts with `prefix`."""
+        ...
+
     def public_url(self, key: str) -> str | None:
         """A URL that clients can download `key` from directly, or None: the app serves it under /files."""
         ...
@@ -64,7 +68,25 @@ class LocalStorage:
             raise NotFound(f"no such file: {key}") from err
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if path.parent.parent != self.root:  # outputs/<task>/0.png: no empty <task> folder stays behind
+            try:
+                path.parent.rmdir()
+            except OSError:  # not empty, or gone
+                pass
+
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        top = self.root / prefix.split("/", 1)[0]
+        found = []
+        for path in top.rglob("*") if top.is_dir() else ():
+            key = path.relative_to(self.root).as_posix()
+            if key.startswith(prefix) and _KEY.match(key):  # not a half-written .tmp- file
+                try:
+                    found.append((key, path.stat().st_mtime))
+                except FileNotFoundError:  # deleted meanwhile
+                    pass
+        return sorted(found)
 
     def public_url(self, key: str) -> None:
         return None  # the app signs its own /files URL
@@ -99,10 +121,25 @@ class S3Storage:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object(key))  # a missing key is no error
 
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
+            found += [(obj["Key"][len(base):], obj["LastModified"].timestamp()) for obj in page.get("Contents", [])]
+        return sorted(found)
+
     def public_url(self, key: str) -> str:
         """A presigned GET URL, valid url_ttl_s seconds; computed locally, no request to S3."""
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=self.url_ttl_s)
+
+
+def discard_task_files(storage: Storage, task_id: str, outputs: bool = True) -> None:
+    """Delete what a task that ended keeps no use for: its references, and with `outputs` (a task that did
+    not complete) any images an attempt stored before it failed."""
+    for prefix in ("references/", "outputs/") if outputs else ("references/",):
+        for key, _ in storage.list(f"{prefix}{task_id}/"):
+            storage.delete(key)
 
 
 # Bounds on each S3 call, so that an unreachable endpoint fails start-up in seconds, not minutes.

@@ -405,6 +405,15 @@ class Store:
             row = conn.execute(select(tasks).where(*cond)).mappings().first()
         return dict(row) if row else None
 
+    def task_statuses(self, task_ids: list[str]) -> dict[str, str]:
+        """The status of each of these tasks that exists (a missing id is absent from the answer)."""
+        found: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(task_ids), 500):
+                chunk = task_ids[i:i + 500]
+                found |= dict(conn.execute(select(tasks.c.id, tasks.c.status).where(tasks.c.id.in_(chunk))).all())
+        return found
+
     def list_tasks(self, key_id: str, limit: int, before: tuple[datetime, str] | None) -> list[dict[str, Any]]:
         """A key's tasks, newest first, strictly older than the (created_at, id) cursor."""
         q = select(tasks).where(tasks.c.key_id == key_id)
@@ -530,20 +539,21 @@ class Store:
         self._queued.set()
         return True
 
-    def recover_expired(self, max_attempts: int) -> tuple[int, int]:
+    def recover_expired(self, max_attempts: int) -> tuple[int, list[str]]:
         """Tasks whose worker died (lease expired): back to the queue, or failed after `max_attempts`.
 
-        Returns (requeued, failed).
+        Returns (how many were requeued, the ids of those that failed: their files may be deleted).
         """
         now = utcnow()
         expired = and_(tasks.c.status == "processing", tasks.c.lease_expires_at < now)
         with self.engine.begin() as conn:
             # A canceled task whose worker died ends as canceled rather than running again.
-            conn.execute(update(tasks).where(expired, tasks.c.cancel_requested_at.is_not(None)).values(
-                status="failed", error=CANCELED, **_finished(now)))
-            failed = conn.execute(update(tasks).where(expired, tasks.c.attempts >= max_attempts).values(
+            failed = list(conn.execute(update(tasks).where(expired, tasks.c.cancel_requested_at.is_not(None)).values(
+                status="failed", error=CANCELED, **_finished(now)).returning(tasks.c.id)).scalars())
+            failed += conn.execute(update(tasks).where(expired, tasks.c.attempts >= max_attempts).values(
                 status="failed", **_finished(now),
-                error=f"the worker running this task stopped responding {max_attempts} times; giving up")).rowcount
+                error=f"the worker running this task stopped responding {max_attempts} times; giving up")
+                .returning(tasks.c.id)).scalars().all()
             requeued = conn.execute(update(tasks).where(expired).values(
                 status="created", lease_owner=None, lease_expires_at=None, started_at=None,
                 progress_step=None, progress_total=None, preview=None, preview_step=None)

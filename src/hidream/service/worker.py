@@ -17,7 +17,7 @@ from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
 from hidream.service.settings import Settings
-from hidream.service.storage import Storage
+from hidream.service.storage import Storage, discard_task_files
 from hidream.service.store import CANCELED, Store
 
 log = logging.getLogger("hidream.worker")
@@ -153,8 +153,10 @@ class Worker:
     def _serve_one(self, models: list[str]) -> None:
         """Recover expired leases (every half lease at most), then run one task or wait for one to be queued."""
         if time.monotonic() - self._recovered_at >= self.settings.lease_s / 2:
-            self.store.recover_expired(self.settings.max_attempts)
+            _, failed = self.store.recover_expired(self.settings.max_attempts)
             self._recovered_at = time.monotonic()
+            for tid in failed:  # an attempt of a dead worker may have stored images: none is kept
+                self._discard(tid, outputs=True)
         task = self.store.claim(self.id, models, self.settings.lease_s)
         if task is None:
             # The store wakes us when a task is queued (PostgreSQL: NOTIFY from any process; SQLite: a
@@ -208,6 +210,13 @@ class Worker:
             self.store.remove_worker(self.id)
         except Exception as err:
             log.warning("worker %s: could not remove its row from the workers table (%s)", self.id, err)
+
+    def _discard(self, task_id: str, outputs: bool) -> None:
+        """A task ended: delete its references (and with `outputs`, any images it stored); never fatal."""
+        try:
+            discard_task_files(self.storage, task_id, outputs)
+        except Exception as err:  # the janitor of an API process finds them later
+            log.warning("task %s: could not delete its stored files (%s)", task_id, err)
 
     def process(self, task: dict[str, Any]) -> None:
         """Run one claimed task to `completed` or `failed` (or back to the queue on shutdown)."""
@@ -269,11 +278,12 @@ class Worker:
                 self.storage.put(key, encode_image(image, fmt))
                 keys.append(key)
             price = round(self.settings.price_usd * 1_000_000)
-            if not self.store.complete(tid, self.id, keys, inference_ms, price):
+            if self.store.complete(tid, self.id, keys, inference_ms, price):
+                self._discard(tid, outputs=False)
+            else:
                 row = self.store.get_task(tid)
                 if row is not None and row["status"] == "failed" and row["error"] == CANCELED:
-                    for key in keys:  # canceled while the images were being stored: none is kept
-                        self.storage.delete(key)
+                    self._discard(tid, outputs=True)  # canceled while the images were being stored: none is kept
                     log.info("task %s: canceled", tid)
                 else:
                     log.warning("task %s: lease lost before completion; another worker owns it", tid)
@@ -281,7 +291,8 @@ class Worker:
             self.store.release(tid, self.id)
             log.info("task %s: back in the queue (shutdown)", tid)
         except CancelRequested:
-            self.store.fail(tid, self.id, CANCELED)
+            if self.store.fail(tid, self.id, CANCELED):
+                self._discard(tid, outputs=True)
             log.info("task %s: canceled", tid)
         except Exception as err:  # the model's failure fails this task, never the worker
             from hidream.engine.errors import GenerationCanceled, HiDreamError
@@ -294,7 +305,8 @@ class Worker:
                 else:
                     log.exception("task %s failed", tid)
                     message = f"the model failed on this request ({type(err).__name__}: {err})"
-                self.store.fail(tid, self.id, message)
+                if self.store.fail(tid, self.id, message):
+                    self._discard(tid, outputs=True)
         finally:
             done.set()
             beat.join()

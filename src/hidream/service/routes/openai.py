@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -28,10 +28,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from hidream.rules import MAX_AREA, MAX_SIDE, MIN_SIDE, MULTIPLE
 from hidream.service import schemas
-from hidream.service.app import ApiContext, fingerprint, idempotency_key
+from hidream.service.context import ApiContext, context
 from hidream.service.errors import BadRequest, PayloadTooLarge, ServiceError
 from hidream.service.fetch import ImageInfo, check_image
+from hidream.service.submission import fingerprint, idempotency_key, submit, wait_for
 from hidream.sizes import SIZE_PRESETS
 
 log = logging.getLogger("hidream.api")
@@ -44,9 +46,9 @@ NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field,
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
 PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
-MAX_SIDE = math.isqrt(schemas.CUSTOM_AREA)
-SIZE_RULE = (f'must be "auto", "WxH" with sides from {schemas.CUSTOM_MIN} to {schemas.CUSTOM_MAX} (rounded to '
-             f"multiples of 32) and at most {MAX_SIDE}x{MAX_SIDE} pixels, or one of {', '.join(SIZE_PRESETS)}")
+SQUARE = math.isqrt(MAX_AREA)
+SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
+             f"{MULTIPLE}) and at most {SQUARE}x{SQUARE} pixels, or one of {', '.join(SIZE_PRESETS)}")
 # status -> OpenAI error type and the default code
 KINDS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_value"),
@@ -71,7 +73,8 @@ class OpenAIImageParams(BaseModel):
     """The fields of both routes; the edits route takes them as multipart form fields beside `image`."""
 
     model: str | None = Field(None, description="a served model id or alias; default: the first served id")
-    prompt: str = Field(description="what to draw, or how to edit the image(s)")
+    prompt: str = Field(min_length=1, max_length=schemas.MAX_PROMPT,
+                        description="what to draw, or how to edit the image(s)")
     n: int | None = Field(None, ge=1, le=4, description="number of images; default 1")
     size: str | None = Field(None, description=f"size {SIZE_RULE}; default auto: the default preset, or with "
                                                "exactly one image to edit, that image's aspect ratio")
@@ -150,12 +153,6 @@ def error_response(err: ServiceError) -> JSONResponse:
     return JSONResponse({"error": error}, status_code=err.status, headers=headers)
 
 
-def bearer_token(request: Request) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, else None."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token if scheme.lower() == "bearer" else None
-
-
 # --- requests -----------------------------------------------------------------------------------------------
 
 
@@ -178,7 +175,7 @@ def size_fields(size: Any, images: int) -> dict[str, Any]:
         try:
             schemas.resolve_size(size)
             return {"image_size": size}
-        except ValueError:
+        except BadRequest:
             pass
     raise BadRequest(f"size: {SIZE_RULE} (got {size!r})")
 
@@ -264,7 +261,7 @@ def images_response(api: ApiContext, row: dict[str, Any], response_format: Respo
 async def finish(api: ApiContext, row: dict[str, Any], response_format: ResponseFormat) -> JSONResponse:
     """Wait (bounded) for the task to end; its images, or the error that says why there are none."""
     timeout = api.settings.sync_timeout_s
-    row = await api.wait_for(row["id"], timeout)
+    row = await wait_for(api, row["id"], timeout)
     task_id = row["id"]
     if row["status"] == "completed":
         return JSONResponse(await run_in_threadpool(images_response, api, row, response_format))
@@ -281,7 +278,7 @@ async def finish(api: ApiContext, row: dict[str, Any], response_format: Response
 async def answer(api: ApiContext, request: Request, work: Callable[[str], Awaitable[JSONResponse]]) -> JSONResponse:
     """Check the key (401 whatever the body), run `work(key_id)`; any error in OpenAI's shape."""
     try:
-        key_id = await run_in_threadpool(api.key_for_token, bearer_token(request))
+        key_id = await run_in_threadpool(api.key_for_header, request.headers.get("authorization"))
         return await work(key_id)
     except ServiceError as err:
         return error_response(err)
@@ -312,48 +309,50 @@ def _params_schema(**required: Any) -> dict[str, Any]:
     return schema
 
 
-def add_openai_routes(app: FastAPI, api: ApiContext) -> None:
-    """Register the two routes on `app`, over the app's own submit and wait."""
-    default_model = api.settings.model_ids[0]
-    files = {"type": "array", "items": {"type": "string", "format": "binary"},
-             "description": f"1 to {schemas.MAX_REFERENCES} PNG, JPEG or WebP images (also accepted as image[])"}
+router = APIRouter()
+FILES = {"type": "array", "items": {"type": "string", "format": "binary"},
+         "description": f"1 to {schemas.MAX_REFERENCES} PNG, JPEG or WebP images (also accepted as image[])"}
 
-    @app.post("/v1/images/generations", **_docs("application/json", _params_schema()))
-    async def openai_generations(request: Request) -> JSONResponse:
-        """OpenAI's images.generate: text-to-image, answered when the images are ready."""
 
-        async def work(key_id: str) -> JSONResponse:
-            idem = idempotency_key(request)
-            fields = await json_fields(request)
-            body, response_format = to_request(fields, default_model, images=0)
-            idempotency = (idem, fingerprint("openai.generations", fields)) if idem else None
-            row = await api.submit(key_id, body, references=[], shown_urls=[], idempotency=idempotency)
-            return await finish(api, row, response_format)
+@router.post("/v1/images/generations", **_docs("application/json", _params_schema()))
+async def openai_generations(request: Request) -> JSONResponse:
+    """OpenAI's images.generate: text-to-image, answered when the images are ready."""
+    api = context(request)
 
-        return await answer(api, request, work)
+    async def work(key_id: str) -> JSONResponse:
+        idem = idempotency_key(request)
+        fields = await json_fields(request)
+        body, response_format = to_request(fields, api.settings.model_ids[0], images=0)
+        idempotency = (idem, fingerprint("openai.generations", fields)) if idem else None
+        row = await submit(api, key_id, body, references=[], shown_urls=[], idempotency=idempotency)
+        return await finish(api, row, response_format)
 
-    @app.post("/v1/images/edits", **_docs("multipart/form-data", _params_schema(image=files)))
-    async def openai_edits(request: Request) -> JSONResponse:
-        """OpenAI's images.edit: one image edits it, 2 to 10 personalize; answered when the images are ready."""
+    return await answer(api, request, work)
 
-        async def work(key_id: str) -> JSONResponse:
-            idem = idempotency_key(request)
-            try:
-                form = await request.form(max_files=schemas.MAX_REFERENCES + 1, max_fields=100)
-            except (StarletteHTTPException, MultiPartException, ValueError) as err:
-                raise BadRequest(f"body: not a valid multipart/form-data request ({err})") from None
-            if "mask" in form:
-                raise OpenAIError(400, "mask: masks are not supported; describe the edit in the prompt",
-                                  "unsupported_parameter")
-            uploads = [*form.getlist("image"), *form.getlist("image[]")]
-            fields = {k: form_value(k, v) for k, v in form.multi_items() if k not in ("image", "image[]")}
-            body, response_format = to_request(fields, default_model, images=len(uploads))
-            images = await read_images(uploads, api)
-            digests = [hashlib.sha256(data).hexdigest() for data, _, _ in images]
-            idempotency = (idem, fingerprint("openai.edits", fields | {"image": digests})) if idem else None
-            row = await api.submit(key_id, body, references=[(data, info) for data, info, _ in images],
-                                   shown_urls=[f"upload: {name} ({len(data):,} bytes)" for data, _, name in images],
-                                   idempotency=idempotency)
-            return await finish(api, row, response_format)
 
-        return await answer(api, request, work)
+@router.post("/v1/images/edits", **_docs("multipart/form-data", _params_schema(image=FILES)))
+async def openai_edits(request: Request) -> JSONResponse:
+    """OpenAI's images.edit: one image edits it, 2 to 10 personalize; answered when the images are ready."""
+    api = context(request)
+
+    async def work(key_id: str) -> JSONResponse:
+        idem = idempotency_key(request)
+        try:
+            form = await request.form(max_files=schemas.MAX_REFERENCES + 1, max_fields=100)
+        except (StarletteHTTPException, MultiPartException, ValueError) as err:
+            raise BadRequest(f"body: not a valid multipart/form-data request ({err})") from None
+        if "mask" in form:
+            raise OpenAIError(400, "mask: masks are not supported; describe the edit in the prompt",
+                              "unsupported_parameter")
+        uploads = [*form.getlist("image"), *form.getlist("image[]")]
+        fields = {k: form_value(k, v) for k, v in form.multi_items() if k not in ("image", "image[]")}
+        body, response_format = to_request(fields, api.settings.model_ids[0], images=len(uploads))
+        images = await read_images(uploads, api)
+        digests = [hashlib.sha256(data).hexdigest() for data, _, _ in images]
+        idempotency = (idem, fingerprint("openai.edits", fields | {"image": digests})) if idem else None
+        row = await submit(api, key_id, body, references=[(data, info) for data, info, _ in images],
+                           shown_urls=[f"upload: {name} ({len(data):,} bytes)" for data, _, name in images],
+                           idempotency=idempotency, reference_field="image")
+        return await finish(api, row, response_format)
+
+    return await answer(api, request, work)
