@@ -306,6 +306,8 @@ async def fetch_image(url: str, policy: FetchPolicy, field: str, resolver: Resol
             return await _fetch(url, policy, field, resolver or _default_resolver)
     except (TimeoutError, httpx.TimeoutException):
         raise BadRequest(f"{field}: {_short(url)} timed out after {policy.timeout_s:g} s") from None
+    except httpx.InvalidURL as exc:  # not an HTTPError: httpx raises it for a redirect's unparsable Location
+        raise BadRequest(f"{field}: {_short(url)} answered with an invalid URL ({exc})") from None
     except httpx.HTTPError as exc:
         raise BadRequest(f"{field}: {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
 
@@ -352,5 +354,7 @@ async def post(url: str, body: bytes, headers: dict[str, str], policy: FetchPoli
                 raise BadRequest(f"{field}: {_short(url)} could not be reached ({error})")
     except (TimeoutError, httpx.TimeoutException):
         raise BadRequest(f"{field}: {_short(url)} did not answer within {policy.timeout_s:g} s") from None
+    except httpx.InvalidURL as exc:  # a 3xx whose Location does not parse: httpx raises even without following
+        raise BadRequest(f"{field}: {_short(url)} answered with a redirect to an invalid URL ({exc})") from None
     except httpx.HTTPError as exc:
         raise BadRequest(f"{field}: {_short(url)} failed ({type(exc).__name__}: {exc})") from None

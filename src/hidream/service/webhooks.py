@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import SQLAlchemyError
 
 from hidream.service.errors import BadRequest
 from hidream.service.fetch import FetchPolicy, post
@@ -76,10 +77,12 @@ class WebhookSender:
                 if claimed:
                     await asyncio.gather(*(self.deliver(row) for row in claimed))
                     continue
-            except Exception as err:  # the database may be away: back off, then try again
+            except SQLAlchemyError as err:  # the database is away: back off, then try again
                 wait = min(wait * 2, 30.0)
                 log.warning("webhooks: %s (%s); retrying in %.1f s", type(err).__name__,
                             (str(err).splitlines() or [""])[0][:200], wait)
+            except Exception:  # a bug, not an outage: say so, and keep sending the others
+                log.exception("webhooks: unexpected error")
             try:
                 await asyncio.wait_for(self._stop.wait(), wait)
             except TimeoutError:
@@ -102,6 +105,9 @@ class WebhookSender:
                 error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
         except BadRequest as err:
             error = err.message.removeprefix("webhook_url: ")
+        except Exception as err:  # whatever one delivery raises is that delivery's failed attempt
+            log.exception("webhook for %s: attempt %d raised", row["id"], attempt)
+            error = f"{type(err).__name__}: {err}"[:500]
         duration_ms = int((time.perf_counter() - started) * 1000)
         next_at = None
         if error:
