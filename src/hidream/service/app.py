@@ -121,6 +121,9 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         served = [*ctx.settings.model_ids, *ctx.settings.aliases]
         body["properties"]["model"]["enum"] = served
         components["GenerateImageRequest"] = body
+        for route in ("/v1/images/generations", "/v1/images/edits"):  # inline schemas of the OpenAI routes
+            for media in spec["paths"][route]["post"]["requestBody"]["content"].values():
+                media["schema"]["properties"]["model"]["enum"] = served
         app.openapi_schema = spec
     return app.openapi_schema
 

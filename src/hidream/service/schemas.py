@@ -52,10 +52,23 @@ RULES = {
 }
 
 
+# What a size string looks like (the numbers must still meet the size rule); documentation for /openapi.json.
+SIZE_PATTERN = "^(" + "|".join(SIZE_PRESETS) + r"|\s*[0-9]{1,6}\s*[xX*]\s*[0-9]{1,6}\s*)$"
+# Each side is rounded to the nearest multiple of 32 (halves to even) before the rule: 48 becomes 64, 4112 4096.
+SIDE_SCHEMA = {"minimum": MIN_SIDE - MULTIPLE // 2, "maximum": MAX_SIDE + MULTIPLE // 2,
+               "description": f"rounded to the nearest multiple of {MULTIPLE}, which must be {MIN_SIDE} to {MAX_SIDE}"}
+
+
+def _size_pattern(schema: dict[str, Any]) -> None:
+    for kind in schema.get("anyOf", []):
+        if kind.get("type") == "string":
+            kind["pattern"] = SIZE_PATTERN
+
+
 class SizeObject(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    width: int
-    height: int
+    width: int = Field(json_schema_extra=SIDE_SCHEMA)
+    height: int = Field(json_schema_extra=SIDE_SCHEMA)
 
 
 class GenerateImageRequest(BaseModel):
@@ -65,7 +78,7 @@ class GenerateImageRequest(BaseModel):
 
     model: str
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
-    image_size: str | SizeObject = DEFAULT_SIZE
+    image_size: str | SizeObject = Field(DEFAULT_SIZE, json_schema_extra=_size_pattern)
     # None: the served recipe's default (50 and 5.0 for the full model, 28 and 1.0 for Dev)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE)
@@ -76,7 +89,10 @@ class GenerateImageRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+    # The pattern is documentation (the check itself is fetch.check_target's, with its own messages).
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048,
+                                    json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\\s]+"},
+                                    description="POST the final prediction there (a public http(s) address)")
 
     @field_validator("prompt")
     @classmethod
@@ -141,7 +157,7 @@ def validation_message(err: ValidationError | list[dict[str, Any]], extra_rules:
     if name == "reference_image_urls" and len(loc) > 1:
         rule = "must be a URL string (http, https, data: or from uploadMedia)"
     if name == "image_size" and len(loc) > 1:
-        return f"image_size: {rule}"
+        return f"image_size: {rule} (got {_shown(e.get('input'))})"  # the union's first error has the whole value
     return f"{field}: {rule} (got {_shown(e.get('input'))})"
 
 

@@ -22,13 +22,23 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from hidream.rules import MAX_AREA, MAX_SIDE, MIN_SIDE, MULTIPLE
+from hidream.rules import (
+    MAX_AREA,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    MIN_SIDE,
+    MULTIPLE,
+    RANDOM_SEED,
+)
 from hidream.service import schemas
 from hidream.service.context import ApiContext, context
 from hidream.service.errors import BadRequest, PayloadTooLarge, ServiceError
@@ -72,18 +82,24 @@ PARAM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?): ")
 class OpenAIImageParams(BaseModel):
     """The fields of both routes; the edits route takes them as multipart form fields beside `image`."""
 
+    model_config = ConfigDict(extra="forbid")  # documents what check_fields enforces: no other field
+
     model: str | None = Field(None, description="a served model id or alias; default: the first served id")
     prompt: str = Field(min_length=1, max_length=schemas.MAX_PROMPT,
                         description="what to draw, or how to edit the image(s)")
     n: int | None = Field(None, ge=1, le=4, description="number of images; default 1")
-    size: str | None = Field(None, description=f"size {SIZE_RULE}; default auto: the default preset, or with "
-                                               "exactly one image to edit, that image's aspect ratio")
+    size: str | None = Field(None, pattern=schemas.SIZE_PATTERN.replace("^(", "^(auto|"),
+                             description=f"size {SIZE_RULE}; default auto: the default preset, or with "
+                                         "exactly one image to edit, that image's aspect ratio")
     response_format: ResponseFormat | None = Field(None, description="default url (signed, expiring)")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="default png")
-    seed: int | None = Field(None, description="extension: 0 to 2^32-1, or -1 (the default) for random")
-    num_inference_steps: int | None = Field(None, description="extension: 1 to 100; default the recipe's")
-    guidance_scale: float | None = Field(None, description="extension: 1.0 to 20.0; default the recipe's")
-    stream: bool | None = Field(None, description="only false: streaming is not supported")
+    seed: int | None = Field(None, ge=RANDOM_SEED, le=MAX_SEED,
+                             description="extension: 0 to 2^32-1, or -1 (the default) for random")
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                            description="extension: 1 to 100; default the recipe's")
+    guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE,
+                                         description="extension: 1.0 to 20.0 (1.0: no guidance); default the recipe's")
+    stream: Literal[False] | None = Field(None, description="only false: streaming is not supported")
 
 
 KNOWN = frozenset(OpenAIImageParams.model_fields) | frozenset(IGNORED)
@@ -162,7 +178,7 @@ def check_fields(fields: dict[str, Any]) -> None:
     if unknown:
         raise OpenAIError(400, f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(KNOWN))})",
                           "unknown_parameter")
-    if fields.get("stream") not in (None, False):
+    if fields.get("stream") is not None and fields["stream"] is not False:
         raise OpenAIError(400, "stream: streaming is not supported; leave it out (the response waits for the "
                                "images) or follow the prediction's progress stream", "unsupported_parameter")
 
@@ -301,16 +317,29 @@ def _docs(content_type: str, schema: dict[str, Any]) -> dict[str, Any]:
             "openapi_extra": {"requestBody": {"required": True, "content": {content_type: {"schema": schema}}}}}
 
 
-def _params_schema(**required: Any) -> dict[str, Any]:
-    """The request's JSON schema: OpenAIImageParams, the ignored fields, and `required` ones more."""
+def _params_schema(multipart: bool = False, **required: Any) -> dict[str, Any]:
+    """The request's JSON schema: OpenAIImageParams, the ignored fields, and `required` ones more.
+
+    A multipart form cannot carry a null: there, an optional field is one left out, so null is not offered.
+    """
     schema = OpenAIImageParams.model_json_schema()
+    if multipart:
+        for name, prop in schema["properties"].items():
+            kinds = [k for k in prop.pop("anyOf", []) if k != {"type": "null"}]
+            if len(kinds) == 1:
+                prop |= kinds[0]
+            elif kinds:
+                prop["anyOf"] = kinds
+            if prop.get("default", "") is None:
+                del prop["default"]
     schema["properties"] |= {name: {"description": "accepted and ignored"} for name in IGNORED} | required
     schema["required"] = [*schema.get("required", []), *required]
     return schema
 
 
 router = APIRouter()
-FILES = {"type": "array", "items": {"type": "string", "format": "binary"},
+FILES = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+         "maxItems": schemas.MAX_REFERENCES,
          "description": f"1 to {schemas.MAX_REFERENCES} PNG, JPEG or WebP images (also accepted as image[])"}
 
 
@@ -330,7 +359,7 @@ async def openai_generations(request: Request) -> JSONResponse:
     return await answer(api, request, work)
 
 
-@router.post("/v1/images/edits", **_docs("multipart/form-data", _params_schema(image=FILES)))
+@router.post("/v1/images/edits", **_docs("multipart/form-data", _params_schema(multipart=True, image=FILES)))
 async def openai_edits(request: Request) -> JSONResponse:
     """OpenAI's images.edit: one image edits it, 2 to 10 personalize; answered when the images are ready."""
     api = context(request)
