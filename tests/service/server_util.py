@@ -183,6 +183,14 @@ def ok(response: httpx.Response) -> Any:
     return body["data"]
 
 
+def error_of(response: httpx.Response, status: int) -> str:
+    """The message of an error envelope with `status` (and `data` null)."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    body = response.json()
+    assert body["code"] == status and body["data"] is None, body
+    return body["message"]
+
+
 def poll(c: httpx.Client, url: str, until: tuple[str, ...] = TERMINAL, timeout: float = 120,
          interval: float = 0.05, seen: list[dict] | None = None) -> dict[str, Any]:
     """GET a prediction until its status is one of `until`; every snapshot goes to `seen`."""

@@ -134,13 +134,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> I
         peer.close()
 
 
-def error_of(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, (response.status_code, response.text[:500])
-    body = response.json()
-    assert body["code"] == status and body["data"] is None, body
-    return body["message"]
-
-
 def stored(root: Path, prefix: str) -> list[str]:
     top = root / prefix
     return sorted(p.relative_to(root).as_posix() for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
@@ -225,7 +218,7 @@ def test_a_redirect_to_an_unparsable_location_is_a_recorded_failed_attempt(serve
 
 def test_a_reference_redirecting_to_an_unparsable_location_is_a_400(server: Server) -> None:
     with server.client() as c:
-        msg = error_of(c.post(GENERATE, json=SMALL | {"reference_image_urls": [server.peer.url("/bad-location")]}), 400)
+        msg = su.error_of(c.post(GENERATE, json=SMALL | {"reference_image_urls": [server.peer.url("/bad-location")]}), 400)
     assert msg.startswith("reference_image_urls[0]: ") and "invalid URL" in msg, msg
 
 
@@ -241,7 +234,7 @@ def test_a_reference_the_engine_would_refuse_is_a_400_that_stores_nothing(server
     with server.client() as c:
         n = len(su.ok(c.get("/api/v1/predictions", params={"limit": 100}))["items"])
         body = SMALL | {"reference_image_urls": [ref], "keep_original_aspect": keep}
-        msg = error_of(c.post(GENERATE, json=body), 400)
+        msg = su.error_of(c.post(GENERATE, json=body), 400)
         assert len(su.ok(c.get("/api/v1/predictions", params={"limit": 100}))["items"]) == n
     assert msg.startswith("reference_image_urls[0]: ") and f"{size[0]}x{size[1]}" in msg, msg
     assert stored(server.files, "references") == before
@@ -249,7 +242,7 @@ def test_a_reference_the_engine_would_refuse_is_a_400_that_stores_nothing(server
 
 def test_thin_references_by_url_and_through_the_openai_route_too(server: Server) -> None:
     with server.client() as c:
-        msg = error_of(c.post(GENERATE, json=SMALL | {"reference_image_urls": [server.peer.url("/thin-4000x2.png")]}),
+        msg = su.error_of(c.post(GENERATE, json=SMALL | {"reference_image_urls": [server.peer.url("/thin-4000x2.png")]}),
                        400)
         assert msg.startswith("reference_image_urls[0]: "), msg
         r = c.post("/v1/images/edits", data={"prompt": "x", "size": "256x256"},
@@ -360,11 +353,11 @@ def test_a_405_says_which_methods_are_allowed(server: Server, method: str, path:
 
 def test_a_key_without_the_bearer_scheme_is_told_so(server: Server) -> None:
     base = server.proc.base_url
-    msg = error_of(httpx.get(base + "/api/v1/models", headers={"Authorization": server.key}, timeout=10), 401)
+    msg = su.error_of(httpx.get(base + "/api/v1/models", headers={"Authorization": server.key}, timeout=10), 401)
     assert msg == "Authorization: the scheme is missing: send Authorization: Bearer <key>"
-    msg = error_of(httpx.get(base + "/api/v1/models", timeout=10), 401)
+    msg = su.error_of(httpx.get(base + "/api/v1/models", timeout=10), 401)
     assert msg == "missing API key: send Authorization: Bearer <key>"
-    msg = error_of(httpx.get(base + "/api/v1/models", headers={"Authorization": "Token abc"}, timeout=10), 401)
+    msg = su.error_of(httpx.get(base + "/api/v1/models", headers={"Authorization": "Token abc"}, timeout=10), 401)
     assert msg.startswith("Authorization: the scheme is 'Token', not Bearer")
 
 
@@ -373,12 +366,12 @@ def test_a_key_without_the_bearer_scheme_is_told_so(server: Server) -> None:
                                             "(got {'width': 9000, 'height': 64})")])
 def test_the_size_error_says_what_it_got(server: Server, body: dict[str, Any], got: str) -> None:
     with server.client() as c:
-        msg = error_of(c.post(GENERATE, json=SMALL | body), 400)
+        msg = su.error_of(c.post(GENERATE, json=SMALL | body), 400)
     assert msg.startswith("image_size: must be one of square_hd") and msg.endswith(got), msg
 
 
 @pytest.mark.parametrize("limit", ["0", "101", "ten", "-3"])
 def test_limit_errors_are_in_the_projects_own_words(server: Server, limit: str) -> None:
     with server.client() as c:
-        msg = error_of(c.get("/api/v1/predictions", params={"limit": limit}), 400)
+        msg = su.error_of(c.get("/api/v1/predictions", params={"limit": limit}), 400)
     assert msg == f"limit: must be an integer from 1 to 100 (got {limit!r})", msg

@@ -159,13 +159,6 @@ def events(response: httpx.Response) -> Iterator[tuple[str, Any]]:
             data.append(line.removeprefix("data: "))
 
 
-def error_of(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, (response.status_code, response.text[:500])
-    body = response.json()
-    assert body["code"] == status and body["data"] is None, body
-    return body["message"]
-
-
 # --- progress stream ----------------------------------------------------------------------------------------------
 
 
@@ -224,10 +217,10 @@ def test_the_stream_of_another_keys_or_an_unknown_prediction_is_404(server: Serv
     other = server.new_key()
     with server.client() as c, server.client(other) as c2:
         pred = submit(c, SMALL)
-        assert "not found" in error_of(c2.get(f"/api/v1/model/prediction/{pred['id']}/stream"), 404)
-        assert "not found" in error_of(c.get(f"/api/v1/model/prediction/{'0' * 32}/stream"), 404)
+        assert "not found" in su.error_of(c2.get(f"/api/v1/model/prediction/{pred['id']}/stream"), 404)
+        assert "not found" in su.error_of(c.get(f"/api/v1/model/prediction/{'0' * 32}/stream"), 404)
         r = httpx.get(f"{server.proc.base_url}/api/v1/model/prediction/{pred['id']}/stream")
-        assert "API key" in error_of(r, 401)
+        assert "API key" in su.error_of(r, 401)
         su.poll(c, pred["urls"]["get"])
 
 
@@ -274,8 +267,8 @@ def test_cancel_of_a_finished_or_another_keys_prediction(server: Server) -> None
         assert r.status_code == 200
         assert r.json()["message"] == "prediction already completed; nothing to cancel"
         assert r.json()["data"]["status"] == "completed" and r.json()["data"]["outputs"] == done["outputs"]
-        assert "not found" in error_of(c2.post(f"/api/v1/model/prediction/{done['id']}/cancel"), 404)
-        assert "not found" in error_of(c.post(f"/api/v1/model/prediction/{'f' * 32}/cancel"), 404)
+        assert "not found" in su.error_of(c2.post(f"/api/v1/model/prediction/{done['id']}/cancel"), 404)
+        assert "not found" in su.error_of(c.post(f"/api/v1/model/prediction/{'f' * 32}/cancel"), 404)
 
 
 # --- idempotency --------------------------------------------------------------------------------------------------
@@ -292,10 +285,10 @@ def test_an_idempotency_key_returns_the_same_prediction_and_charges_once(server:
         assert sync["status"] == "completed"
         replay = submit(c, SMALL | {"enable_sync_mode": True}, **{"Idempotency-Key": "order-43"})
         assert replay["id"] == sync["id"] and replay["status"] == "completed"
-        msg = error_of(c.post(GENERATE, json=SMALL | {"prompt": "another"}, headers={"Idempotency-Key": "order-42"}),
+        msg = su.error_of(c.post(GENERATE, json=SMALL | {"prompt": "another"}, headers={"Idempotency-Key": "order-42"}),
                        409)
         assert msg.startswith("Idempotency-Key: was used with a different request")
-        msg = error_of(c.post(GENERATE, json=SMALL, headers={"Idempotency-Key": "x" * 256}), 400)
+        msg = su.error_of(c.post(GENERATE, json=SMALL, headers={"Idempotency-Key": "x" * 256}), 400)
         assert msg.startswith("Idempotency-Key: must be 1 to 255")
         items = su.ok(c.get("/api/v1/predictions"))["items"]
         assert sorted(p["id"] for p in items) == sorted([first["id"], sync["id"]])
@@ -312,7 +305,7 @@ def test_rate_limits_per_key_from_the_keys_command(server: Server) -> None:
         submit(c, SMALL)
         submit(c, SMALL)
         r = c.post(GENERATE, json=SMALL)
-        assert error_of(r, 429).startswith("rate limit: 2 submits per minute")
+        assert su.error_of(r, 429).startswith("rate limit: 2 submits per minute")
         assert 1 <= int(r.headers["retry-after"]) <= 60
         listed = su.run_cli(["keys", "list"], server.env).stdout
         assert "rate: 2 submits/min; concurrent: no limit (service default)" in listed
@@ -322,7 +315,7 @@ def test_rate_limits_per_key_from_the_keys_command(server: Server) -> None:
             su.poll(c, p["urls"]["get"])
         slow = submit(c, SLOW | {"num_inference_steps": 100})
         r = c.post(GENERATE, json=SMALL)
-        assert "1 tasks queued or running" in error_of(r, 429) and int(r.headers["retry-after"]) >= 1
+        assert "1 tasks queued or running" in su.error_of(r, 429) and int(r.headers["retry-after"]) >= 1
         su.ok(c.post(f"/api/v1/model/prediction/{slow['id']}/cancel"))
         su.poll(c, submit(c, SMALL)["urls"]["get"])
     bad = su.run_cli(["keys", "limits", "nope", "--rate", "1"], server.env)
@@ -418,7 +411,7 @@ def test_receivers_that_hang_or_redirect_are_retried_then_given_up(server: Serve
 def test_a_webhook_url_the_rules_forbid_is_a_400_that_leaves_nothing(server: Server, url: str, rule: str) -> None:
     key = server.new_key()
     with server.client(key) as c:
-        msg = error_of(c.post(GENERATE, json=SMALL | {"webhook_url": url}), 400)
+        msg = su.error_of(c.post(GENERATE, json=SMALL | {"webhook_url": url}), 400)
         assert msg.startswith("webhook_url: ") and rule in msg, msg
         assert su.ok(c.get("/api/v1/predictions"))["items"] == []
 

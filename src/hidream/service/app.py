@@ -19,7 +19,15 @@ from hidream.service import schemas
 from hidream.service.context import ApiContext, envelope
 from hidream.service.errors import ServiceError, TooManyRequests
 from hidream.service.janitor import Janitor
-from hidream.service.routes import catalog, files, health, media, openai, playground, predictions
+from hidream.service.routes import (
+    catalog,
+    files,
+    health,
+    media,
+    openai,
+    playground,
+    predictions,
+)
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
 from hidream.service.store import Store

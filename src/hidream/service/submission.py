@@ -24,7 +24,13 @@ from hidream.rules import MAX_SEED
 from hidream.service import schemas
 from hidream.service.context import TERMINAL, ApiContext
 from hidream.service.errors import BadRequest, NotFound, Unavailable
-from hidream.service.fetch import ImageInfo, check_image, check_target, decode_data_uri, fetch_image
+from hidream.service.fetch import (
+    ImageInfo,
+    check_image,
+    check_target,
+    decode_data_uri,
+    fetch_image,
+)
 from hidream.service.store import IdempotentReplay
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}

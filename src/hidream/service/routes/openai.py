@@ -324,7 +324,7 @@ def _params_schema(multipart: bool = False, **required: Any) -> dict[str, Any]:
     """
     schema = OpenAIImageParams.model_json_schema()
     if multipart:
-        for name, prop in schema["properties"].items():
+        for prop in schema["properties"].values():
             kinds = [k for k in prop.pop("anyOf", []) if k != {"type": "null"}]
             if len(kinds) == 1:
                 prop |= kinds[0]

@@ -17,7 +17,13 @@ from hidream.service.context import TERMINAL, ApiContext, Ctx, Key, envelope
 from hidream.service.errors import BadRequest, NotFound
 from hidream.service.predictions import progress_of
 from hidream.service.storage import discard_task_files
-from hidream.service.submission import fingerprint, idempotency_key, owned, submit, wait_for
+from hidream.service.submission import (
+    fingerprint,
+    idempotency_key,
+    owned,
+    submit,
+    wait_for,
+)
 
 CANCEL_WAIT_S = 5.0  # how long a cancel of a running prediction waits for its worker to stop
 STREAM_POLL_S = 0.2  # how often the progress stream reads the prediction (from the database: any replica)
