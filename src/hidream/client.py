@@ -41,12 +41,13 @@ across processes: the server returns the same prediction for the same key and th
 (and a 409 for the same key with another body; note that local reference images are uploaded again on each
 call, which changes the body: upload them once with :meth:`Client.upload` and pass the URLs).
 
-Everything this module raises on purpose is a :class:`ClientError`; errors the server answered with are
-:class:`ApiError` (``status``, ``message``, ``field``), one subclass per status (:class:`BadRequest`,
-:class:`AuthenticationError`, :class:`NotFound`, :class:`Conflict`, :class:`RateLimited`, ...).
+Everything this module raises on purpose is a :class:`ClientError` (but a ``TypeError`` for an argument of
+the wrong type); errors the server answered with are :class:`ApiError` (``status``, ``message``, ``field``),
+one subclass per status (:class:`BadRequest`, :class:`AuthenticationError`, :class:`NotFound`,
+:class:`Conflict`, :class:`RateLimited`, ...).
 
-The webhook helpers (:func:`sign_webhook`, :func:`webhook_headers`, :func:`verify_webhook`) use only the
-standard library.
+The webhook helpers (:func:`sign_webhook`, :func:`webhook_headers`, :func:`webhook_body`,
+:func:`verify_webhook`) use only the standard library.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Self, TextIO, TypedDict, Union
 from urllib.parse import quote
 
 import httpx
@@ -85,7 +86,8 @@ __all__ = [
     "ApiConnectionError", "ApiError", "AuthenticationError", "BadRequest", "Client", "ClientError", "Conflict",
     "DEFAULT_MODEL", "InputError", "NotFound", "Page", "PayloadTooLarge", "Prediction", "PredictionFailed",
     "Progress", "ProgressEvent", "RateLimited", "ServerError", "ServerEvent", "SubmitOptions", "Unavailable",
-    "WaitTimeout", "WebhookVerificationError", "iter_sse", "sign_webhook", "verify_webhook", "webhook_headers",
+    "WaitTimeout", "WebhookBody", "WebhookVerificationError", "iter_sse", "sign_webhook", "verify_webhook",
+    "webhook_body", "webhook_headers",
 ]
 
 DEFAULT_MODEL = "hidream-o1-image"
@@ -413,23 +415,45 @@ ProgressOption = bool | Callable[[ProgressEvent], None] | None
 # --- webhooks (standard library only) -----------------------------------------------------------------------
 
 
-def sign_webhook(payload: bytes | str, secret: str, timestamp: int) -> str:
+WebhookBody = Union[bytes, str, Mapping[str, Any]]
+"""A webhook body to sign: the raw bytes (or their text), or the prediction object itself (see :func:`webhook_body`)."""
+
+
+def webhook_body(prediction: Mapping[str, Any]) -> bytes:
+    """The body the server sends for a prediction object: compact JSON (``separators=(",", ":")``, non-ASCII
+    characters escaped), keys in the object's order."""
+    return json.dumps(dict(prediction), separators=(",", ":")).encode("ascii")
+
+
+def _body_bytes(body: WebhookBody) -> bytes:
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if isinstance(body, Mapping):
+        return webhook_body(body)
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    raise TypeError(f"body: bytes, str or a prediction mapping (got {type(body).__name__})")
+
+
+def sign_webhook(body: WebhookBody, secret: str, timestamp: int) -> str:
     """The ``HiDream-Webhook-Signature`` value for a body sent at ``timestamp`` (unix seconds).
 
     ``v1=`` followed by the hex HMAC-SHA256, keyed with the secret's UTF-8 bytes, of
-    ``f"{timestamp}.{payload}"`` where ``payload`` is the raw body exactly as sent.
+    ``f"{timestamp}.{body}"`` where ``body`` is the raw body exactly as sent. ``body`` is those bytes, their
+    text (encoded as UTF-8), or a prediction object (a dict), which is signed as the server sends it
+    (:func:`webhook_body`).
     """
-    body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-    message = str(int(timestamp)).encode("ascii") + b"." + body
+    message = str(int(timestamp)).encode("ascii") + b"." + _body_bytes(body)
     return "v1=" + hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
-def webhook_headers(payload: bytes | str, secret: str, webhook_id: str, attempt: int = 1,
+def webhook_headers(body: WebhookBody, secret: str, webhook_id: str, attempt: int = 1,
                     timestamp: int | None = None) -> dict[str, str]:
-    """Every header of a webhook delivery for ``payload`` (timestamp: now unless given)."""
+    """Every header of a webhook delivery of ``body`` (as :func:`sign_webhook` takes it; timestamp: now unless
+    given). Send ``webhook_body(prediction)`` as the body when ``body`` is a prediction object."""
     ts = int(time.time()) if timestamp is None else int(timestamp)
     return {"Content-Type": "application/json", WEBHOOK_ID_HEADER: webhook_id, WEBHOOK_TIMESTAMP_HEADER: str(ts),
-            WEBHOOK_SIGNATURE_HEADER: sign_webhook(payload, secret, ts), WEBHOOK_ATTEMPT_HEADER: str(attempt)}
+            WEBHOOK_SIGNATURE_HEADER: sign_webhook(body, secret, ts), WEBHOOK_ATTEMPT_HEADER: str(attempt)}
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -441,12 +465,13 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str,
+def verify_webhook(body: bytes | str, headers: Mapping[str, str], secret: str,
                    tolerance_s: float | None = 300, *, now: float | None = None) -> dict[str, Any]:
     """Check a webhook request and return the prediction object it carries.
 
     Args:
-        payload: the raw request body, exactly as received (not re-serialized JSON).
+        body: the raw request body, exactly as received (bytes, or its text): not parsed JSON, whose
+            re-serialization need not give back the bytes that were signed.
         headers: the request headers, any mapping; names are matched case-insensitively.
         secret: the key's webhook secret (``whsec_...``, from :meth:`Client.webhook_secret`).
         tolerance_s: reject a timestamp further than this from now (replay protection); None disables it.
@@ -455,7 +480,12 @@ def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str
     Raises:
         WebhookVerificationError: a header is missing or malformed, the timestamp is out of tolerance, no
             ``v1`` signature matches (compared in constant time), or the body is not a JSON object.
+        TypeError: ``body`` is not bytes or str (e.g. the already parsed JSON): a mistake in the receiver,
+            not a bad request.
     """
+    if not isinstance(body, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"body: pass the raw request body (bytes or str) exactly as received, not "
+                        f"{'the parsed JSON' if isinstance(body, Mapping) else type(body).__name__}")
     timestamp = _header(headers, WEBHOOK_TIMESTAMP_HEADER)
     signatures = _header(headers, WEBHOOK_SIGNATURE_HEADER)
     if not timestamp or not signatures:
@@ -467,12 +497,12 @@ def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str
     current = time.time() if now is None else now
     if tolerance_s is not None and abs(current - ts) > tolerance_s:
         raise WebhookVerificationError(f"{WEBHOOK_TIMESTAMP_HEADER}: {ts} is more than {tolerance_s:g} s from now")
-    expected = sign_webhook(payload, secret, ts).encode("ascii")
+    expected = sign_webhook(body, secret, ts).encode("ascii")
     offered = [s.encode("utf-8", "replace") for s in re.split(r"[\s,]+", signatures) if s.startswith("v1=")]
     if not any(hmac.compare_digest(expected, sig) for sig in offered):  # compare all: constant time per entry
         raise WebhookVerificationError("signature mismatch: not signed with this secret, or the body was altered")
     try:
-        data = json.loads(payload)
+        data = json.loads(bytes(body) if isinstance(body, memoryview) else body)
     except ValueError:
         raise WebhookVerificationError("body: not JSON") from None
     if not isinstance(data, dict):
@@ -580,26 +610,48 @@ def _output_paths(prediction: Prediction, target: str | os.PathLike[str] | Seque
 
 
 class _ProgressBar:
-    """A tqdm bar on stderr fed with :class:`ProgressEvent`: step of total, rate, ETA (the server's if given)."""
+    """A tqdm bar fed with :class:`ProgressEvent`: step of total, rate, ETA (and the server's ETA if given).
 
-    def __init__(self, prediction_id: str) -> None:
+    While the prediction waits in the queue the bar shows only that (``queued``); its clock starts when the
+    prediction starts processing, so the rate and the ETA count processing time only, and starts again when
+    the step count goes back (a task retried from the start). Steps already done when the bar first sees the
+    prediction processing (a wait that joins a running prediction, or polling) are left out of the rate.
+    """
+
+    _WAITING_FORMAT = "{desc}"  # no step count, rate or clock while the prediction is not running yet
+
+    def __init__(self, prediction_id: str, file: TextIO | None = None) -> None:
         from tqdm import tqdm
 
-        self.prediction_id = prediction_id
-        self.bar = tqdm(total=None, unit="step", desc=f"{prediction_id[:8]} waiting", file=sys.stderr,
-                        dynamic_ncols=True)
+        self.label = prediction_id[:8]
+        self.running = False
+        self.bar = tqdm(total=None, unit="step", desc=f"{self.label} waiting", bar_format=self._WAITING_FORMAT,
+                        file=file or sys.stderr, dynamic_ncols=True)
 
     def __call__(self, event: ProgressEvent) -> None:
-        self.bar.set_description(f"{self.prediction_id[:8]} {event.status}", refresh=False)
-        if event.total is not None and event.total != self.bar.total:
-            self.bar.total = event.total
-        if event.step is not None:
-            if event.step < self.bar.n:  # the task was retried from the start
-                self.bar.reset(total=self.bar.total)
-            self.bar.update(event.step - self.bar.n)
+        bar = self.bar
+        status = "queued" if event.status == "created" else event.status
+        bar.set_description_str(f"{self.label} {status}", refresh=False)
+        if event.total is not None and event.total != bar.total:
+            bar.total = event.total
+        if event.step is not None or event.status == "processing":
+            step = event.step or 0
+            if not self.running:  # processing from now on: the rate and ETA count from here
+                self.running = True
+                bar.bar_format = None
+                self._restart_clock(step)
+            elif step < bar.n:  # the task was retried from the start
+                self._restart_clock(step)
+            bar.update(step - bar.n)
         if event.eta_s is not None:
-            self.bar.set_postfix_str(f"server eta {event.eta_s:.0f}s", refresh=False)
-        self.bar.refresh()
+            bar.set_postfix_str(f"server eta {event.eta_s:.0f}s", refresh=False)
+        bar.refresh()
+
+    def _restart_clock(self, step: int) -> None:
+        """Elapsed time, rate and ETA measured from now on, the ``step`` steps done so far left out of the rate."""
+        bar = self.bar
+        bar.reset(total=bar.total)
+        bar.n = bar.last_print_n = bar.initial = step
 
     def close(self) -> None:
         self.bar.close()

@@ -1,5 +1,6 @@
-"""Fixtures for the browser tests: one real `hidream serve` on the demo checkpoint, Debian's Chromium
-driven by Playwright, a fresh API key per test, and the screenshots written as test artifacts.
+"""Fixtures for the browser tests: a real `hidream serve` on the demo checkpoint (given as HIDREAM_MODEL,
+or, for the demo tests, found in HIDREAM_HOME as when no model is configured), Debian's Chromium driven by
+Playwright, a fresh API key per test, and the screenshots written as test artifacts.
 
 Chromium is the system package (`scripts/install-browser` installs it; `scripts/test` runs that first);
 Playwright's own browser download is never used. Without /usr/bin/chromium these tests fail, saying so.
@@ -47,6 +48,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> I
     procs = su.Processes(home.parent / (home.name + "-logs"))
     try:
         env = su.service_env(home, demo_checkpoint, preview_every=2)
+        yield Server(procs.serve(env), env)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
+    """`hidream serve` with no model configured, as a first start is: it serves the demo checkpoint from
+    HIDREAM_HOME/demo-model (here the session's, linked in) and says so (`demo: true` in GET /api/v1/models)."""
+    home = tmp_path_factory.mktemp("browser-demo-home")
+    (home / "demo-model").symlink_to(demo_checkpoint, target_is_directory=True)
+    procs = su.Processes(home.parent / (home.name + "-logs"))
+    try:
+        env = su.service_env(home, None)
         yield Server(procs.serve(env), env)
     finally:
         procs.stop_all()

@@ -2,8 +2,9 @@
 
 Each test signs in with its own key, works the page the way a person does (labels, buttons, files)
 and checks what the page shows against what the API recorded. Runs are small (256x256, a few steps)
-except the one whose progress is watched and then canceled. Screenshots of each mode, at desktop and
-phone widths, go to test-artifacts/screenshots/.
+except the one whose progress is watched and then canceled, and the demo server's run with the page's
+defaults (512x512, 50 steps). Screenshots of each mode, at desktop and phone widths, go to
+test-artifacts/screenshots/.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from hidream.rules import GUIDANCE_RULE
+
 from browser_util import DESKTOP, PHONE, Server, su
 
 pytestmark = pytest.mark.timeout(300)
 
 MODEL = "hidream-o1-image"
 RUN_TIMEOUT = 120_000  # ms: a generous ceiling for a small run on a busy 2-core machine, not a threshold
+# ms: a run with the demo checkpoint's suggested size (512x512) and the default 50 steps takes seconds here;
+# one at the default size (2304x1728) takes minutes
+DEMO_RUN_TIMEOUT = 60_000
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -61,10 +67,10 @@ def generate(page: Page) -> None:
     page.locator("#generate").click()
 
 
-def wait_result(page: Page) -> None:
+def wait_result(page: Page, timeout: float = RUN_TIMEOUT) -> None:
     """Until the run ended with an image on the stage (fails at once if the run failed)."""
     done = page.locator("#result-actions:not([hidden]), #result-error:not(:empty)")
-    expect(done.first).to_be_visible(timeout=RUN_TIMEOUT)
+    expect(done.first).to_be_visible(timeout=timeout)
     assert page.locator("#result-error").inner_text() == "", page.locator("#result-error").inner_text()
     expect(page.locator("#result-image")).to_be_visible()
     page.wait_for_function("() => { const i = document.getElementById('result-image');"
@@ -176,6 +182,9 @@ def test_key_then_text_to_image_download_and_reuse(page: Page, server: Server, k
     expect(page.get_by_label("Guidance", exact=True)).to_have_value(f"{params['guidance_scale']['default']:g}")
     expect(page.get_by_label("Format", exact=True)).to_have_value(params["output_format"]["default"])
     assert page.locator("#format option").all_inner_texts() == [f.upper() for f in params["output_format"]["enum"]]
+    # a checkpoint given as HIDREAM_MODEL is not the demo: the contract's default size, no demo note
+    assert (model["demo"], model["suggested"]) == (False, {}), model
+    expect(page.locator("#demo-note")).to_be_hidden()
     expect(page.get_by_role("radio", name=re.compile("^Landscape 4:3"))).to_be_checked()
     for name in params["image_size"]["presets"]:
         expect(page.locator(f"#size-{name}")).to_have_count(1)
@@ -366,9 +375,9 @@ def test_invalid_values_show_the_servers_error_at_their_field(page: Page, server
     expect(page.locator("#steps-error")).to_have_text("")
     expect(steps).not_to_have_attribute("aria-invalid", "true")
 
-    # a custom size under the smallest side
-    page.get_by_label("Width", exact=True).fill("100")
-    page.get_by_label("Height", exact=True).fill("100")
+    # a custom size under the smallest side (64 pixels; 32 stays 32 when rounded to a multiple of 32)
+    page.get_by_label("Width", exact=True).fill("32")
+    page.get_by_label("Height", exact=True).fill("32")
     generate(page)
     expect(page.locator("#size-error")).to_have_text(re.compile(r"^image_size: must be one of square_hd, "))
     expect(page.get_by_label("Width", exact=True)).to_have_attribute("aria-invalid", "true")
@@ -383,7 +392,7 @@ def test_invalid_values_show_the_servers_error_at_their_field(page: Page, server
     page.get_by_label("Height", exact=True).fill("256")
     page.eval_on_selector("#guidance", "el => { el.value = '50'; }")
     generate(page)
-    expect(page.locator("#guidance-error")).to_have_text("guidance_scale: must be a number from 1.0 to 20.0 (got 50)")
+    expect(page.locator("#guidance-error")).to_have_text(f"guidance_scale: {GUIDANCE_RULE} (got 50)")
     page.get_by_label("Guidance", exact=True).fill("5")
     page.get_by_label("Prompt", exact=True).fill("")
     generate(page)
@@ -455,3 +464,39 @@ def test_without_the_stream_route_it_polls(page: Page, server: Server, key: str)
     [pred] = predictions(server, key)
     assert pred["status"] == "completed"
     expect(page.locator("#result-meta")).to_contain_text(str(pred["input"]["seed"]))
+
+
+def test_demo_checkpoint_preselects_a_small_size_and_says_so(page: Page, demo_server: Server,
+                                                             screenshots: Path) -> None:
+    """No model configured: the server runs the demo checkpoint. The page says its images are noise, and
+    starts from the size the server suggests instead of the default 4-megapixel one, so that a run with the
+    page's defaults takes seconds on a CPU."""
+    key = demo_server.new_key("demo")
+    with su.client(demo_server.url, key) as c:
+        [model] = su.ok(c.get("/api/v1/models"))
+    assert model["demo"] is True and model["suggested"] == {"image_size": {"width": 512, "height": 512}}, model
+    params = model["parameters"]
+    sign_in(page, demo_server, key)
+
+    note = page.get_by_role("note")
+    expect(note).to_be_visible()
+    expect(note).to_have_text("Demo checkpoint: random weights, images are noise.")
+    expect(page.get_by_role("radio", name=re.compile("^Custom"))).to_be_checked()
+    expect(page.get_by_label("Width", exact=True)).to_have_value("512")
+    expect(page.get_by_label("Height", exact=True)).to_have_value("512")
+    expect(page.locator("#size-summary")).to_have_text("512 × 512 pixels, 0.3 megapixels")
+    # the size only: every other field keeps the contract's default
+    expect(page.get_by_label("Steps", exact=True)).to_have_value(str(params["num_inference_steps"]["default"]))
+    expect(page.get_by_label("Guidance", exact=True)).to_have_value(f"{params['guidance_scale']['default']:g}")
+    expect(page.get_by_label("Format", exact=True)).to_have_value(params["output_format"]["default"])
+    assert accessibility_problems(page) == []
+    shoot(page, screenshots, "demo")
+
+    # a run with nothing changed but the prompt ends well within a minute
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse, on random weights")
+    generate(page)
+    wait_result(page, timeout=DEMO_RUN_TIMEOUT)
+    assert natural_size(page) == (512, 512)
+    [pred] = predictions(demo_server, key)
+    assert pred["status"] == "completed", pred
+    assert pred["input"]["num_inference_steps"] == params["num_inference_steps"]["default"], pred["input"]

@@ -9,8 +9,10 @@ few seconds (progress, cancel).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from PIL import Image
 from hidream.client import (
     ApiConnectionError, AuthenticationError, BadRequest, Client, Conflict, InputError, NotFound, Prediction,
     PredictionFailed, ProgressEvent, RateLimited, ServerEvent, Unavailable, WaitTimeout, WebhookVerificationError,
-    error_from_response, iter_sse, sign_webhook, verify_webhook, webhook_headers,
+    error_from_response, iter_sse, sign_webhook, verify_webhook, webhook_body, webhook_headers,
 )
 
 try:  # tests/service as a package or as a plain directory on sys.path
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.timeout(240)
 
 SMALL: dict[str, Any] = {"image_size": "256x256", "num_inference_steps": 2}
 SLOW: dict[str, Any] = {"image_size": "768x768", "num_inference_steps": 40}  # a few seconds here
+LONG: dict[str, Any] = {"image_size": "768x768", "num_inference_steps": 100}  # about 8 s here
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -304,6 +307,13 @@ def test_webhook_delivery_verifies(client: Client, receiver: Receiver) -> None:
     assert headers["hidream-webhook-attempt"] == "1"
     prediction = verify_webhook(body, headers, secret)
     assert prediction["id"] == done.id and prediction["status"] == "completed"
+    assert verify_webhook(body.decode(), headers, secret) == prediction  # its text does as well
+    # the prediction object signs (and serializes) to what the server sent
+    timestamp = int(headers["hidream-webhook-timestamp"])
+    assert webhook_body(prediction) == body
+    assert sign_webhook(prediction, secret, timestamp) == headers["hidream-webhook-signature"]
+    assert webhook_headers(prediction, secret, done.id, timestamp=timestamp)["HiDream-Webhook-Signature"] \
+        == headers["hidream-webhook-signature"]
     with pytest.raises(WebhookVerificationError):
         verify_webhook(body.replace(b"completed", b"failed"), headers, secret)
 
@@ -346,26 +356,49 @@ def test_cli_submit_flags_no_wait_and_errors(served: Served, tmp_path: Path) -> 
 
     r = su.run_cli(["submit", "x", "--steps", "0", "-q", *flags], env)
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr.startswith("error: num_inference_steps: must be an integer from 1 to 100"), r.stderr
+    # the field named as the API does or as the flag (when the CLI checks the value before sending it)
+    assert re.match(r"error: (num_inference_steps|--steps): must be an integer from 1 to 100", r.stderr), r.stderr
     r = su.run_cli(["submit", "x", "--base-url", served.url, "--api-key", "hd-wrong"], env)
     assert r.returncode == 2 and r.stderr.startswith("error: invalid or revoked API key"), r.stderr
     r = su.run_cli(["submit", "x", "--base-url", served.url], env)
     assert r.returncode == 2 and "--api-key" in r.stderr and "Traceback" not in r.stderr
 
 
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """Children started inside this block turn Ctrl-C into KeyboardInterrupt, even if this process ignores
+    SIGINT. A test run started in the background by a non-interactive shell (`scripts/test &`) ignores it;
+    an ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler, so
+    `hidream submit` would never see the SIGINT (and finish with 0). A handler, unlike SIG_IGN, is reset
+    to the default action by exec."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+RUNNING_BAR = re.compile(rb"processing: +\d+%\|[^|]*\| *[1-9]\d*/\d+")  # the bar at step 1 or later
+
+
 def test_cli_ctrl_c_cancels(served: Served, client: Client) -> None:
-    args = [sys.executable, "-m", "hidream.cli", "submit", "a slow one", "--size", SLOW["image_size"],
-            "--steps", str(SLOW["num_inference_steps"])]
-    proc = subprocess.Popen(args, env=served.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    args = [sys.executable, "-m", "hidream.cli", "submit", "a slow one", "--size", LONG["image_size"],
+            "--steps", str(LONG["num_inference_steps"])]
+    with sigint_not_ignored():
+        proc = subprocess.Popen(args, env=served.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
     stderr = bytearray()
     try:
         assert proc.stderr is not None
-        while b"processing" not in stderr:  # the progress bar shows the prediction running
+        while not RUNNING_BAR.search(stderr):  # the bar shows the prediction running, a step done
             chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
             assert chunk, f"hidream submit ended early: {stderr.decode(errors='replace')}"
             stderr += chunk
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # with some 90 steps (7 s) to go
         rest_out, rest_err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -375,8 +408,10 @@ def test_cli_ctrl_c_cancels(served: Served, client: Client) -> None:
     assert proc.returncode == 130, text
     pred_id = text.split("submitted prediction ")[1].split()[0]
     assert f"canceling prediction {pred_id}" in text and "Traceback" not in text
-    assert rest_out == b""
-    assert client.wait(pred_id, progress=False, timeout=60).canceled
+    assert "completed" not in text and rest_out == b""  # interrupted while running: nothing downloaded
+    final = client.wait(pred_id, progress=False, timeout=60)
+    assert final.canceled, final
+    assert final.progress is None or final.progress.step < final.progress.total, final.progress
 
 
 # --- webhook helpers (no server) ----------------------------------------------------------------------------
@@ -407,6 +442,38 @@ def test_sign_webhook_matches_the_definition_and_the_server() -> None:
 
     expected = hmac.new(SECRET.encode(), b"1700000000." + BODY, hashlib.sha256).hexdigest()
     assert sign_webhook(BODY, SECRET, 1_700_000_000) == f"v1={expected}" == sign(SECRET, 1_700_000_000, BODY)
+
+
+def test_sign_webhook_takes_the_prediction_object() -> None:
+    """A dict is signed as the server sends it: compact JSON, non-ASCII escaped (json.dumps' default)."""
+    from hidream.service.webhooks import sign
+
+    prediction = {"id": "abc", "status": "completed", "input": {"prompt": "café ☕", "seed": 7},
+                  "outputs": ["http://x/y.png"], "timings": {"total_s": 1.5}}
+    sent = (b'{"id":"abc","status":"completed","input":{"prompt":"caf\\u00e9 \\u2615","seed":7},'
+            b'"outputs":["http://x/y.png"],"timings":{"total_s":1.5}}')
+    assert webhook_body(prediction) == sent == json.dumps(prediction, separators=(",", ":")).encode()
+    signature = sign(SECRET, 1_700_000_000, sent)
+    assert sign_webhook(prediction, SECRET, 1_700_000_000) == signature
+    assert sign_webhook(sent, SECRET, 1_700_000_000) == sign_webhook(sent.decode(), SECRET, 1_700_000_000) == signature
+    headers = webhook_headers(prediction, SECRET, "abc", timestamp=1_700_000_000)
+    assert headers["HiDream-Webhook-Signature"] == signature
+    assert verify_webhook(sent, headers, SECRET, now=1_700_000_000) == prediction
+    # the same object with json.dumps' default separators is other bytes: not what was signed
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(json.dumps(prediction).encode(), headers, SECRET, now=1_700_000_000)
+    with pytest.raises(TypeError, match="body: bytes, str or a prediction mapping"):
+        sign_webhook(12, SECRET, 1_700_000_000)  # type: ignore[arg-type]
+
+
+def test_verify_webhook_wants_the_raw_body() -> None:
+    prediction = {"id": "abc", "status": "completed"}
+    headers = webhook_headers(prediction, SECRET, "abc", timestamp=1_700_000_000)
+    with pytest.raises(TypeError, match=r"pass the raw request body \(bytes or str\) exactly as received, "
+                                        r"not the parsed JSON"):
+        verify_webhook(prediction, headers, SECRET, now=1_700_000_000)  # type: ignore[arg-type]
+    assert verify_webhook(bytearray(webhook_body(prediction)), headers, SECRET, now=1_700_000_000) == prediction
+    assert verify_webhook(memoryview(webhook_body(prediction)), headers, SECRET, now=1_700_000_000) == prediction
 
 
 @pytest.mark.parametrize("case", ["tampered", "wrong secret", "stale", "future", "missing", "bad timestamp",
@@ -531,6 +598,85 @@ def test_wait_with_a_progress_bar_and_an_unknown_id(capsys: pytest.CaptureFixtur
         assert "4/4" in capsys.readouterr().err
         with pytest.raises(NotFound):
             c.wait("unknown", stream=False, progress=False)
+
+
+class FakeClock:
+    """A clock for tqdm (monkeypatched over `tqdm.std.time`): it moves only when the test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    import tqdm.std
+
+    fake = FakeClock()
+    monkeypatch.setattr(tqdm.std, "time", fake)  # a bar made from now on takes it as its `_time`
+    return fake
+
+
+def shown(out: io.StringIO) -> str:
+    """The bar as last drawn (tqdm redraws its line after a carriage return), runs of spaces as one."""
+    return " ".join(out.getvalue().split("\r")[-1].split())
+
+
+def test_progress_bar_rate_counts_processing_time_only(clock: FakeClock) -> None:
+    from hidream.client import _ProgressBar
+
+    out = io.StringIO()
+    bar = _ProgressBar(PID, file=out)
+    try:
+        bar(ProgressEvent(PID, "created"))
+        assert shown(out) == f"{PID[:8]} queued"
+        clock.advance(86.0)  # 86 s in the queue
+        bar(ProgressEvent(PID, "processing"))
+        for step in (1, 2):  # then 2 steps in 0.25 s
+            clock.advance(0.125)
+            bar(ProgressEvent(PID, "processing", step, 4))
+        line = shown(out)
+        assert line.startswith(f"{PID[:8]} processing: 50%") and "2/4" in line, line
+        assert "[00:00<00:00, 8.00step/s]" in line, line  # 8 steps per second of processing, ETA 0.25 s
+
+        # the task retried from the start after a 5 s pause: the clock starts again
+        clock.advance(5.0)
+        bar(ProgressEvent(PID, "processing", 0, 4))
+        clock.advance(0.25)
+        bar(ProgressEvent(PID, "processing", 1, 4, eta_s=0.75))
+        line = shown(out)
+        assert "1/4 [00:00<00:00, 4.00step/s, server eta 1s]" in line, line
+        clock.advance(0.75)
+        bar(ProgressEvent(PID, "completed", 4, 4))
+        assert shown(out).startswith(f"{PID[:8]} completed: 100%"), shown(out)
+    finally:
+        bar.close()
+    text = out.getvalue()
+    assert "s/step" not in text and ": :" not in text, text
+
+
+def test_progress_bar_leaves_steps_done_before_it_out_of_the_rate(clock: FakeClock) -> None:
+    """A bar that first sees the prediction with steps done (polling, or a wait joining a running one)."""
+    from hidream.client import _ProgressBar
+
+    out = io.StringIO()
+    bar = _ProgressBar(PID, file=out)
+    try:
+        assert shown(out) == f"{PID[:8]} waiting"
+        clock.advance(30.0)
+        bar(ProgressEvent(PID, "processing", 6, 10, source="poll"))
+        assert "6/10 [00:00<?, ?step/s]" in shown(out), shown(out)  # no rate yet: 6 steps in no time is none
+        clock.advance(0.5)
+        bar(ProgressEvent(PID, "processing", 8, 10, source="poll"))
+        assert "8/10 [00:00<00:00, 4.00step/s]" in shown(out), shown(out)
+    finally:
+        bar.close()
+    assert ": :" not in out.getvalue()
 
 
 def test_retries_honour_retry_after_and_keep_the_idempotency_key() -> None:

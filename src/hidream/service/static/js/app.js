@@ -285,19 +285,23 @@ function buildForm() {
   }
   sizes.append(sizeOption("custom", "Custom", "your own", 4, 3));
   const custom = p.image_size.custom;
+  // the server may suggest a size to start from instead of the default (the demo checkpoint's small one)
+  const suggested = suggestedSize(model.suggested);
   for (const id of ["width", "height"]) {
     const input = $(id);
     input.min = custom.min_side;
     input.max = custom.max_side;
     input.step = custom.multiple_of;
-    input.value = 1024;
+    input.value = suggested ? suggested[id] : 1024;
     input.addEventListener("input", () => { clearFieldError(id); updateSize(); });
   }
   $("size-rule").textContent = `Custom sides from ${custom.min_side} to ${custom.max_side} pixels, rounded to `
     + `multiples of ${custom.multiple_of}, at most ${(custom.max_pixels / 1e6).toFixed(1)} megapixels.`;
-  const def = document.querySelector(`input[name="size"][value="${p.image_size.default}"]`)
+  const def = (suggested && $("size-custom"))
+    || document.querySelector(`input[name="size"][value="${p.image_size.default}"]`)
     || sizes.querySelector('input[name="size"]');
   def.checked = true;
+  $("demo-note").hidden = !state.models.some((m) => m.demo === true);
   sizes.addEventListener("change", () => { clearFieldError("width"); updateSize(); });
 
   numberField("steps", p.num_inference_steps, 1);
@@ -345,6 +349,13 @@ function buildForm() {
   updateSize();
   updateCost();
   state.formReady = true;
+}
+
+/** `suggested.image_size` of GET /api/v1/models as { width, height }, or null when there is none (real weights). */
+function suggestedSize(suggested) {
+  const size = suggested?.image_size;
+  const ok = (n) => Number.isInteger(n) && n > 0;
+  return size && ok(size.width) && ok(size.height) ? { width: size.width, height: size.height } : null;
 }
 
 function sizeOption(value, title, detail, w, h) {
