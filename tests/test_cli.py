@@ -173,15 +173,15 @@ def error_cases(tmp: Path, model: Path) -> dict[str, tuple[list[str], list[str]]
     missing_model, missing_ref = tmp / "no-such-model", tmp / "no-such.png"
     m = ["--model", str(model)]
     return {
-        "missing-model": (["a cat", "--model", str(missing_model), *FAST], [str(missing_model)]),
+        "missing-model": (["a cat", "--model", str(missing_model), *FAST], ["--model", str(missing_model)]),
         "size-100": (["a cat", *m, "--size", "40x40"], ["--size", "40x40", "multiple of 32"]),
         "size-banana": (["a cat", *m, "--size", "banana"], ["--size", "banana"]),
-        "steps-0": (["a cat", *m, *FAST, "--steps", "0"], ["steps", "0"]),
-        "steps-101": (["a cat", *m, *FAST, "--steps", "101"], ["steps", "101"]),
-        "guidance-21": (["a cat", *m, *FAST, "--guidance", "21"], ["guidance", "21"]),
-        "ref-missing": (["a cat", *m, *FAST, "--ref", str(missing_ref)], ["--ref", str(missing_ref)]),
-        "ref-text": (["a cat", *m, *FAST, "--ref", str(text)], ["--ref", str(text), "not an image"]),
-        "eleven-refs": (["a cat", *m, *FAST, "--ref", *refs], ["references", "10", "11"]),
+        "steps-0": (["a cat", *m, *FAST, "--steps", "0"], ["--steps", "0"]),
+        "steps-101": (["a cat", *m, *FAST, "--steps", "101"], ["--steps", "101"]),
+        "guidance-21": (["a cat", *m, *FAST, "--guidance", "21"], ["--guidance", "21"]),
+        "ref-missing": (["a cat", *m, *FAST, "--ref", str(missing_ref)], ["--ref[0]", str(missing_ref)]),
+        "ref-text": (["a cat", *m, *FAST, "--ref", str(text)], ["--ref[0]", str(text), "not an image"]),
+        "eleven-refs": (["a cat", *m, *FAST, "--ref", *refs], ["--ref", "10", "11"]),
         "empty-prompt": (["", *m, *FAST], ["prompt"]),
         "blank-prompt": (["   ", *m, *FAST], ["prompt"]),
         "output-is-a-directory": (["a cat", *m, *FAST, "-o", str(tmp / "out.png")], ["-o", "is a directory"]),

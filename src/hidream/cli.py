@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import secrets
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from hidream.client import Client, ClientError
-from hidream.engine.errors import HiDreamError, InvalidRequestError
+from hidream.client import ApiError, Client, ClientError, InputError
+from hidream.engine.errors import CheckpointError, HiDreamError, InvalidRequestError
+from hidream.rules import (
+    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_REFERENCES, MAX_SEED, RANDOM_SEED, SEED_RULE,
+    STEPS_RULE, guidance_ok, images_ok, seed_ok, steps_ok,
+)
 from hidream.service.errors import ServiceError
-from hidream.service.settings import default_home
-from hidream.rules import DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_SEED, RANDOM_SEED, STEPS_RULE
+from hidream.service.settings import ENV_NAMES, HELP, PARSERS, default_home, help_text, shown_default
 from hidream.sizes import SIZE_HELP, resolve_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+URL_SCHEMES = ("http://", "https://", "data:")
+
+# The engine's and the API's names of a request's inputs -> the flag of `generate` / `submit` that sets each.
+ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
+                "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
+                "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
+                "device": "--device", "dtype": "--dtype", "variant": "--variant"}
+API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
+             "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
+             "keep_original_aspect": "--keep-original-aspect", "output_format": "--format", "model": "--model",
+             "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key"}
 
 
 def demo_checkpoint() -> Path:
@@ -40,6 +58,96 @@ def _dtype(name: str | None):
     import torch
 
     return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+# --- the parser: one-line errors ---------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake prints `error: <flag>: <rule>` and one `see: ... --help` line, not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self._rewrite(message)}\nsee: {self.prog} --help\n")
+
+    def _rewrite(self, message: str) -> str:
+        if m := re.fullmatch(r"argument (\S+): (.*)", message, re.S):
+            names, rule = m.group(1).split("/"), m.group(2)
+            name = next((n for n in names if n.startswith("--")), names[0])
+            if t := re.fullmatch(r"invalid (int|float) value: (.*)", rule):
+                rule = f"must be {'an integer' if t.group(1) == 'int' else 'a number'} (got {t.group(2)})"
+            return f"{name}: {rule}"
+        if m := re.fullmatch(r"the following arguments are required: (.*)", message):
+            missing = []
+            for name in m.group(1).split(", "):
+                action = next((a for a in self._actions if name in (a.dest, a.metavar)), None)
+                choices = f" (one of {', '.join(action.choices)})" if action is not None and action.choices else ""
+                missing.append(f"missing {name}{choices}")
+            said = "; ".join(missing)
+            return f"{self.prog.split()[-1]}: {said}" if " " in self.prog else said  # `keys: missing action`
+        return message
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # no command takes more than it declares: a leftover is a mistake, said here, by this parser
+            self._unknown(extras)
+        return namespace, extras
+
+    def _unknown(self, extras: list[str]) -> NoReturn:
+        option = next((a for a in extras if a.startswith("-") and a != "-"), None)
+        if option is None:
+            quote = " (quote a prompt of several words)" if any(a.dest == "prompt" for a in self._actions) else ""
+            self.error(f"unexpected argument {extras[0]!r}{quote}")
+        name = option.split("=", 1)[0]
+        known = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+        takers = [c for c, names in COMMAND_SETTINGS.items() if name in map(setting_flag, names)]
+        if takers:  # a setting of another command (`keys --port`)
+            who = " and ".join(takers) + (" does" if len(takers) == 1 else " do")
+            self.error(f"unknown option {name} ({self.prog.split()[-1]} does not read it; {who})")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        self.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(c) for c in action.choices]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"one of {', '.join(choices)}"
+        if isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(None, f"unknown command {value!r} ({hint})")
+        if not action.option_strings:  # `keys creat`: the command names the positional
+            raise argparse.ArgumentError(None, f"{self.prog.split()[-1]}: unknown {action.dest} {value!r} ({hint})")
+        got = f"got {value!r}" + (f"; did you mean {close[0]}?" if close else "")
+        raise argparse.ArgumentError(action, f"must be one of {', '.join(choices)} ({got})")
+
+
+def _typed(parse: Callable[[str], Any], kind: str | None = None) -> Callable[[str], Any]:
+    """An argparse type whose error says the rule: `must be an integer (got 'x')`."""
+
+    def convert(raw: str) -> Any:
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(f"must be {kind} (got {raw!r})" if kind else
+                                             f"cannot use {raw!r} ({err})") from None
+
+    return convert
+
+
+INT, NUMBER = _typed(int, "an integer"), _typed(float, "a number")
+
+
+class _Removed(argparse.Action):
+    """A flag that is gone: using it says what to do instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, advice: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        raise argparse.ArgumentError(self, self.advice)
+
+
+# --- generate and submit -----------------------------------------------------------------------------------
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -68,10 +176,63 @@ def output_paths(out: Path, count: int, fmt: str) -> list[Path]:
     return paths
 
 
+def check_prompt_given(args: argparse.Namespace) -> None:
+    """`generate --ref a.png "a prompt"`: --ref took the prompt too; say so, and how to write it."""
+    if args.prompt is not None:
+        return
+    if args.ref:
+        last = args.ref[-1]
+        if not last.startswith(URL_SCHEMES) and not Path(last).expanduser().is_file():
+            args.parser.error(f"prompt: missing; --ref took {last!r} for an image: put the prompt before the "
+                              "options, or end the --ref list with --")
+        args.parser.error("prompt: missing; with --ref, put the prompt before the options or end the --ref "
+                          "list with --")
+    args.parser.error(f"prompt: missing (the first argument, e.g. {args.parser.prog} \"a red fox in the snow\")")
+
+
+def check_request_flags(args: argparse.Namespace) -> None:
+    """The request's rules (hidream.rules), checked on the flags before a model loads or a request is sent."""
+    if not args.prompt.strip():
+        raise InvalidRequestError("prompt", "must be a non-empty string, not only whitespace")
+    if args.size is not None:
+        resolve_size(args.size, "--size")
+    if args.steps is not None and not steps_ok(args.steps):
+        raise InvalidRequestError("--steps", f"{STEPS_RULE} (got {args.steps})")
+    if args.guidance is not None and not guidance_ok(args.guidance):
+        raise InvalidRequestError("--guidance", f"{GUIDANCE_RULE} (got {args.guidance:g})")
+    if getattr(args, "shift", None) is not None and not 0.0 < args.shift <= 100.0:
+        raise InvalidRequestError("--shift", f"must be above 0 and at most 100 (got {args.shift:g})")
+    if args.seed is not None and not seed_ok(args.seed):
+        raise InvalidRequestError("--seed", f"{SEED_RULE} (got {args.seed})")
+    if args.num_images is not None and not images_ok(args.num_images):
+        raise InvalidRequestError("--num-images", f"{IMAGES_RULE} (got {args.num_images})")
+    if len(args.ref or []) > MAX_REFERENCES:
+        raise InvalidRequestError("--ref", f"at most {MAX_REFERENCES} images (got {len(args.ref)})")
+
+
+def as_flag_error(field: str, rule: str, flags: dict[str, str], refs: Sequence[str]) -> InvalidRequestError:
+    """An engine's or the API's error on `field` (`steps`, `references[1]`, ...) as one on the CLI's flag."""
+    m = re.fullmatch(r"([^\[]+)\[(\d+)\]", field)
+    base, index = (m.group(1), int(m.group(2))) if m else (field, None)
+    flag = flags.get(base, field)
+    if index is None:
+        return InvalidRequestError(flag, rule)
+    if index < len(refs) and refs[index] not in rule:
+        rule = f"{refs[index]}: {rule}"
+    return InvalidRequestError(f"{flag}[{index}]", rule)
+
+
+def _mode(count: int) -> str:
+    """How the references were used, for the line printed per image."""
+    if count == 0:
+        return ""
+    return ", edit of 1 reference" if count == 1 else f", personalization from {count} references"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hidream.engine.images import load_image
+    from hidream.engine.images import load_image, plan_references
     from hidream.engine.pipeline import Engine, GenerationRequest
 
     checkpoint, is_demo = resolve_model(args.model)
@@ -81,28 +242,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if is_demo:
         print(f"note: no --model given, using the demo checkpoint at {checkpoint} (random weights: the image "
               "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
-    references = [load_image(path, "--ref") for path in args.ref or []]
-    engine = Engine.load(checkpoint, device=args.device, dtype=_dtype(args.dtype), variant=args.variant)
-    seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
-    request = GenerationRequest(
-        prompt=args.prompt, width=width, height=height, references=references,
-        keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
-        shift=args.shift, seed=seed, num_images=args.num_images,
-    )
-    engine.validate(request)
-    with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
-        def progress(step: int, total: int, _preview) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
+    refs = args.ref or []
+    references = [load_image(path, f"--ref[{i}]") for i, path in enumerate(refs)]
+    try:
+        # The references' sizes are checked before the model loads (minutes for the real one).
+        plan_references([image.size for image in references], width, height, args.keep_original_aspect,
+                        field="references")
+        engine = Engine.load(checkpoint, device=args.device, dtype=_dtype(args.dtype), variant=args.variant)
+        seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
+        request = GenerationRequest(
+            prompt=args.prompt, width=width, height=height, references=references,
+            keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
+            shift=args.shift, seed=seed, num_images=args.num_images,
+        )
+        engine.validate(request)
+        with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
+            def progress(step: int, total: int, _preview) -> None:
+                bar.total = total
+                bar.update(step - bar.n)
 
-        result = engine.generate(request, progress=progress)
+            result = engine.generate(request, progress=progress)
+    except CheckpointError as err:
+        raise InvalidRequestError("--model", str(err)) from None
+    except InvalidRequestError as err:
+        raise as_flag_error(err.field, err.rule, ENGINE_FLAGS, refs) from None
     for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
         except OSError as err:
             raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
-        print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {result.seconds:.1f} s)")
+        print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {result.seconds:.1f} s"
+              f"{_mode(len(references))})")
     return 0
 
 
@@ -130,6 +301,31 @@ def cancel_on_interrupt(client: Client, prediction_id: str) -> int:
     return 130
 
 
+def _rule_of(err: ApiError) -> str:
+    """The API's message without its leading `field: `."""
+    return err.message.removeprefix(f"{err.field}: ") if err.field else err.message
+
+
+def upload_references(client: Client, refs: Sequence[str]) -> list[str]:
+    """Each --ref as a URL the server takes: URLs as they are, files uploaded; errors name `--ref[i]`."""
+    for i, ref in enumerate(refs):  # every file checked before the first upload
+        path = Path(ref).expanduser()
+        if not ref.startswith(URL_SCHEMES) and not path.is_file():
+            why = "a directory" if path.is_dir() else "no such file"
+            raise InvalidRequestError(f"--ref[{i}]", f"cannot read {ref}: {why}")
+    urls = []
+    for i, ref in enumerate(refs):
+        try:
+            urls.append(client.upload(ref))
+        except InputError as err:
+            raise InvalidRequestError(f"--ref[{i}]", str(err)) from None
+        except ApiError as err:
+            if err.status not in (400, 413, 415, 422):  # not about this image (a bad key, a busy server)
+                raise
+            raise InvalidRequestError(f"--ref[{i}]", f"{ref}: {_rule_of(err)}") from None
+    return urls
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("HIDREAM_API_KEY")
     if not api_key:
@@ -137,13 +333,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     base_url = args.base_url or os.environ.get("HIDREAM_BASE_URL") or "http://127.0.0.1:8000"
     fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "").lower() or None
     target = submit_target(args.output, fmt, args.num_images or 1)
+    refs = args.ref or []
     with Client(base_url, api_key) as client:
-        prediction = client.submit(
-            args.prompt, references=args.ref or [], keep_original_aspect=args.keep_original_aspect,
-            model=args.model, image_size=args.size, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            seed=args.seed, output_format=fmt or "png", num_images=args.num_images or 1,
-            webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
-        )
+        urls = upload_references(client, refs)
+        try:
+            prediction = client.submit(
+                args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
+                model=args.model, image_size=args.size, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
+                num_images=args.num_images or 1, webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
+            )
+        except ApiError as err:
+            base = (err.field or "").split("[")[0]
+            if base not in API_FLAGS:
+                raise
+            raise as_flag_error(err.field, _rule_of(err), API_FLAGS, refs) from None
         if args.no_wait:
             print(prediction.id)
             return 0
@@ -172,23 +376,75 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def add_service_args(p: argparse.ArgumentParser, worker_flag: bool) -> None:
-    """One flag per service setting (`--max-queue` for HIDREAM_MAX_QUEUE, ...); a flag beats the variable."""
-    from hidream.service.settings import ENV_NAMES, PARSERS
+# --- the service's commands --------------------------------------------------------------------------------
 
-    for name, parse in PARSERS.items():
-        if name == "worker":
+_DATABASE = ("home", "database_url")
+_ENGINE = ("model", "variant", "device", "dtype")
+_STORAGE = ("storage_dir", "storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id",
+            "s3_secret_access_key", "url_ttl_s")
+# The settings each command reads (its flags): `serve` all of them; `worker` its model, the database, the
+# storage and what a task's run reads (lease, attempts, price, previews), none of the HTTP side; `keys` and
+# `status` the database, plus the defaults `keys` shows (rate, concurrency) and the lease `status` judges
+# heartbeats by.
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "serve": tuple(name for name in PARSERS if name != "worker"),
+    "worker": (*_DATABASE, *_ENGINE, "model_ids", *_STORAGE, "price_usd", "lease_s", "max_attempts",
+               "preview_every", "preview_size"),
+    "keys": (*_DATABASE, "rate_per_minute", "max_concurrent"),
+    "status": (*_DATABASE, "lease_s"),
+}
+# Secrets are read from a file or the environment, never from a flag's value (which `ps` shows to everyone).
+SECRET_FILE_FLAGS = {"secret": "--secret-file", "s3_secret_access_key": "--s3-secret-access-key-file"}
+_CHOICES = {"variant": ["full", "dev"], "dtype": ["bf16", "fp16", "fp32"]}
+
+
+def setting_flag(name: str) -> str:
+    return "--" + ("model-aliases" if name == "aliases" else name.replace("_", "-"))
+
+
+def add_service_args(p: argparse.ArgumentParser, command: str) -> None:
+    """One flag per setting `command` reads (`--max-queue` for HIDREAM_MAX_QUEUE, ...); a flag beats the variable."""
+    names = COMMAND_SETTINGS[command]
+    group = p.add_argument_group("settings (each also an environment variable; a flag beats it)")
+    for name in PARSERS:
+        if name not in names:
             continue
-        flag = "--" + ("model-aliases" if name == "aliases" else name.replace("_", "-"))
-        p.add_argument(flag, dest=f"svc_{name}", metavar=name.upper(), type=parse, help=f"({ENV_NAMES[name]})")
-    if worker_flag:
-        p.add_argument("--no-worker", action="store_true", help="API only: no in-process worker (HIDREAM_WORKER=false)")
+        flag, env = setting_flag(name), ENV_NAMES[name]
+        if name in SECRET_FILE_FLAGS:
+            file_flag = SECRET_FILE_FLAGS[name]
+            group.add_argument(file_flag, dest=f"file_{name}", metavar="PATH",
+                               help=f"{HELP[name]}, read from the file PATH: no flag takes the value, which ps "
+                                    f"would show (default: {shown_default(name)}; or the value itself in env {env})")
+            p.add_argument(flag, action=_Removed, advice=f"removed: a value on the command line shows in ps; "
+                                                         f"set {env} or pass {file_flag} PATH")
+            continue
+        parse = PARSERS[name]
+        kind = {int: "an integer", float: "a number"}.get(parse)
+        group.add_argument(flag, dest=f"svc_{name}", metavar=name.upper(), type=_typed(parse, kind),
+                           choices=_CHOICES.get(name), help=help_text(name))
+    if command == "serve":
+        group.add_argument("--no-worker", action="store_true",
+                           help="API only: no worker in this process; run `hidream worker` elsewhere "
+                                "(env HIDREAM_WORKER=false)")
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as err:
+        raise InvalidRequestError(flag, f"cannot read {path} ({getattr(err, 'strerror', None) or err})") from None
+    if not text:
+        raise InvalidRequestError(flag, f"{path} is empty")
+    return text
 
 
 def service_settings(args: argparse.Namespace):
-    from hidream.service.settings import PARSERS, load_settings
+    from hidream.service.settings import load_settings
 
     overrides = {name: getattr(args, f"svc_{name}", None) for name in PARSERS}
+    for name, flag in SECRET_FILE_FLAGS.items():
+        if path := getattr(args, f"file_{name}", None):
+            overrides[name] = read_secret_file(path, flag)
     if getattr(args, "no_worker", False):
         overrides["worker"] = False
     return load_settings(**overrides)
@@ -219,45 +475,76 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status_command(service_settings(args), args.json)
 
 
+KEYS_HELP = """actions:
+  create       make a key and print it, once (only its hash is kept); with --name, --rate, --concurrent
+  list         every key: id, prefix, name, when created, active or revoked, its limits
+  revoke KEY   revoke the key: requests made with it get 401 from now on
+  limits KEY   print the key's own limits; with --rate and/or --concurrent, set them first
+
+KEY: the key's id, or its prefix as `keys list` shows it (hd-..., with or without the …), or any start of
+either that only one key has, or the whole key."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("hidream")
+    except PackageNotFoundError:
+        import hidream
+
+        return getattr(hidream, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hidream", description="HiDream-O1-Image engine and service")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="hidream", description="HiDream-O1-Image engine and service")
+    parser.add_argument("--version", action="version", version=f"hidream {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     g = sub.add_parser("generate", help="generate an image from a prompt (and reference images)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="what to draw (required; quote it)")
     add_model_args(g)
     g.add_argument("--size", help=f"{SIZE_HELP} (default: {DEFAULT_SIZE}; {DEMO_SIZE[0]}x{DEMO_SIZE[1]} on the "
                                   "demo checkpoint)")
-    g.add_argument("--steps", type=int, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
+    g.add_argument("--steps", type=INT, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
                                              "(default: the recipe's, 50 full / 28 dev)")
-    g.add_argument("--guidance", type=float, help=f"classifier-free guidance: {GUIDANCE_RULE.removeprefix('must be ')} "
-                                                  "(default: 5.0 full / 1.0 dev)")
-    g.add_argument("--shift", type=float, help="timestep shift (default: 3.0; 1.0 with 2+ references)")
-    g.add_argument("--seed", type=int, default=RANDOM_SEED,
+    g.add_argument("--guidance", type=NUMBER,
+                   help=f"classifier-free guidance: {GUIDANCE_RULE.removeprefix('must be ')} "
+                        "(default: 5.0 full / 1.0 dev)")
+    g.add_argument("--shift", type=NUMBER, help="timestep shift (default: 3.0; 1.0 with 2+ references)")
+    g.add_argument("--seed", type=INT, default=RANDOM_SEED,
                    help=f"0 to {MAX_SEED}; default {RANDOM_SEED}: a random seed, printed with the image "
                         "(pass it back to get the same image)")
-    g.add_argument("--num-images", type=int, default=1,
+    g.add_argument("--num-images", type=INT, default=1,
                    help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses seed + i")
-    g.add_argument("--ref", nargs="+", metavar="IMAGE", help="reference image(s): 1 edits, 2-10 personalize")
+    g.add_argument("--ref", nargs="+", action="extend", metavar="IMAGE",
+                   help="reference image(s): 1 edits, 2-10 personalize; repeat --ref or list several after one "
+                        "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
     g.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from -o's extension, else png")
     g.add_argument("-o", "--output", default="output.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, parser=g)
 
     sm = sub.add_parser("submit", help="submit a generation to a running service, wait for it, download the images")
-    sm.add_argument("prompt")
-    sm.add_argument("--ref", nargs="+", metavar="IMAGE",
-                    help="reference image(s), files (uploaded first) or URLs: 1 edits, 2-10 personalize")
+    sm.add_argument("prompt", nargs="?", help="what to draw (required; quote it)")
+    sm.add_argument("--ref", nargs="+", action="extend", metavar="IMAGE",
+                    help="reference image(s), files (uploaded first) or URLs: 1 edits, 2-10 personalize; repeat "
+                         "--ref or list several after one (a prompt after them needs -- before it)")
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
     sm.add_argument("--size", help=f"{SIZE_HELP} (default: the server's, {DEFAULT_SIZE})")
-    sm.add_argument("--steps", type=int, help="denoising steps (default: the served recipe's)")
-    sm.add_argument("--guidance", type=float, help="guidance scale (default: the served recipe's)")
-    sm.add_argument("--seed", type=int, help="default: random (the seed used is in the prediction)")
+    sm.add_argument("--steps", type=INT, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
+                                              "(default: the served recipe's)")
+    sm.add_argument("--guidance", type=NUMBER, help=f"guidance scale: {GUIDANCE_RULE.removeprefix('must be ')} "
+                                                    "(default: the served recipe's)")
+    sm.add_argument("--seed", type=INT, help=f"0 to {MAX_SEED}, or {RANDOM_SEED}; default: random (the seed used "
+                                             "is in the prediction)")
     sm.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from -o's extension, else png")
-    sm.add_argument("--num-images", type=int, help="1 to 4; image i uses seed + i (default 1)")
+    sm.add_argument("--num-images", type=INT, help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses "
+                                                   "seed + i (default 1)")
     sm.add_argument("--model", default="hidream-o1-image", help="model id (default: hidream-o1-image)")
     sm.add_argument("-o", "--output", default=".",
                     help="directory (files named after the prediction id) or file name (name_i.ext for "
@@ -270,37 +557,42 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--base-url", help="the service (default: $HIDREAM_BASE_URL, else http://127.0.0.1:8000)")
     sm.add_argument("--api-key", help="default: $HIDREAM_API_KEY")
     sm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    sm.set_defaults(func=cmd_submit)
+    sm.set_defaults(func=cmd_submit, parser=sm)
 
-    s = sub.add_parser("serve", help="run the API with an in-process worker (HIDREAM_* settings)")
-    add_service_args(s, worker_flag=True)
+    s = sub.add_parser("serve", help="run the API with an in-process worker (HIDREAM_* settings)",
+                       description="Run the API (and, unless --no-worker, a worker) on 127.0.0.1:8000 by default.")
+    add_service_args(s, "serve")
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run a worker alone, sharing the API's database and storage")
-    add_service_args(w, worker_flag=False)
+    w = sub.add_parser("worker", help="run a worker alone, sharing the API's database and storage",
+                       description="Run a worker: it takes tasks from the API's database and writes the images "
+                                   "to its storage; give it the same database and storage settings as the API.")
+    add_service_args(w, "worker")
     w.set_defaults(func=cmd_worker)
 
-    k = sub.add_parser("keys", help="create, list or revoke API keys")
-    k.add_argument("action", choices=["create", "list", "revoke", "limits"])
-    k.add_argument("key", nargs="?", help="with revoke or limits: the key's id or prefix")
-    k.add_argument("--name", help="with create: a label for the key")
-    k.add_argument("--rate", type=int, metavar="N", dest="key_rate",
+    k = sub.add_parser("keys", help="create, list, revoke API keys, or set a key's limits", epilog=KEYS_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("action", choices=["create", "list", "revoke", "limits"], metavar="action",
+                   help="create, list, revoke or limits (see below)")
+    k.add_argument("key", nargs="?", help="with revoke or limits: the key (see below)")
+    k.add_argument("--name", help="with create: a label for the key (default: key)")
+    k.add_argument("--rate", type=INT, metavar="N", dest="key_rate",
                    help="with create or limits: this key's submits per minute (0: no limit, -1: the service default)")
-    k.add_argument("--concurrent", type=int, metavar="N", dest="key_concurrent",
+    k.add_argument("--concurrent", type=INT, metavar="N", dest="key_concurrent",
                    help="with create or limits: this key's tasks queued or running at once (0: no limit, "
                         "-1: the service default)")
-    add_service_args(k, worker_flag=False)
+    add_service_args(k, "keys")
     k.set_defaults(func=cmd_keys)
 
     st = sub.add_parser("status", help="queue depth, running tasks, workers and throughput, from the database")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
-    add_service_args(st, worker_flag=False)
+    add_service_args(st, "status")
     st.set_defaults(func=cmd_status)
 
     d = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
     d.add_argument("directory")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--shards", type=int, default=1, help="write N shards with an index, as the real ones are")
+    d.add_argument("--seed", type=INT, default=0)
+    d.add_argument("--shards", type=INT, default=1, help="write N shards with an index, as the real ones are")
     d.set_defaults(func=cmd_demo_model)
 
     b = sub.add_parser("bench", help="seconds per step and image, peak memory, speed-up over a plain step")
@@ -309,19 +601,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights of a named configuration instead of a checkpoint "
                         "(full = the 8B HiDream-O1 shape)")
     b.add_argument("--size", default="512x512")
-    b.add_argument("--steps", type=int, default=10)
-    b.add_argument("--guidance", type=float, default=5.0)
-    b.add_argument("--refs", type=int, default=0, help="number of reference images (random pictures)")
-    b.add_argument("--plain-steps", type=int, default=None,
+    b.add_argument("--steps", type=INT, default=10)
+    b.add_argument("--guidance", type=NUMBER, default=5.0)
+    b.add_argument("--refs", type=INT, default=0, help="number of reference images (random pictures)")
+    b.add_argument("--plain-steps", type=INT, default=None,
                    help="steps for the plain baseline (default: the same as --steps)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "submit"):
+        check_prompt_given(args)
     try:
+        if args.command in ("generate", "submit"):
+            check_request_flags(args)  # before a model loads or anything is sent
         return args.func(args)
     except HiDreamError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -335,6 +631,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return run(argv)
+        finally:  # `--help` exits by SystemExit: its output too is flushed here, where a closed pipe is caught
+            sys.stdout.flush()
+    except BrokenPipeError:  # `hidream status --json | head`: the reader has gone; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE (128 + 13), what the shell expects of a writer cut short
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,79 @@ PARSERS: dict[str, Any] = {
     "webhook_timeout_s": float, "webhook_retry_s": float, "webhook_give_up_s": float,
 }
 ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
+
+# name -> what the setting means, for `--help` (see `help_text`); every setting has one.
+HELP: dict[str, str] = {
+    "home": "directory of the SQLite database, the stored files, the signing secret and the demo checkpoint",
+    "model": "checkpoint directory in the official layout",
+    "variant": "recipe: full or dev",
+    "device": "cuda, cuda:N or cpu",
+    "dtype": "bf16, fp16 or fp32",
+    "model_ids": "the model ids served (comma-separated); requests name one of them",
+    "aliases": "other model names accepted, as alias=id pairs (comma-separated)",
+    "host": "address the API listens on (0.0.0.0: every interface)",
+    "port": "TCP port the API listens on",
+    "public_url": "the API's address as clients reach it; file URLs are built on it",
+    "database_url": "SQLAlchemy URL of the database shared by the API and the workers "
+                    "(sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB)",
+    "storage_dir": "directory of the images and references, when the storage is local",
+    "storage_url": "s3://BUCKET/OPTIONAL/PREFIX: keep the images in S3 or an S3-compatible store",
+    "s3_endpoint_url": "the S3 endpoint, e.g. http://minio:9000",
+    "s3_region": "the S3 region",
+    "s3_access_key_id": "the S3 access key id (with HIDREAM_S3_SECRET_ACCESS_KEY)",
+    "s3_secret_access_key": "the S3 secret access key",
+    "secret": "signs file URLs and derives each key's webhook secret",
+    "price_usd": "price of one image in the usage records, in USD",
+    "max_body_bytes": "largest request body accepted, in bytes",
+    "max_upload_bytes": "largest uploaded or fetched image, in bytes",
+    "max_upload_pixels": "most pixels an uploaded or fetched image may decode to",
+    "max_queue": "most tasks waiting or running; a submit beyond it is refused (429)",
+    "sync_timeout_s": "how long a synchronous request waits for its images, in seconds",
+    "lease_s": "a running task's lease, in seconds: a worker that stops renewing it loses the task to another; "
+               "workers beat every third of it",
+    "max_attempts": "attempts of a task whose worker died or lost its lease, before it fails",
+    "url_ttl_s": "how long a file URL stays valid, in seconds",
+    "fetch_timeout_s": "timeout fetching a reference image or checking a webhook URL, in seconds",
+    "fetch_allow": "non-public networks (CIDRs, comma-separated) reference and webhook URLs may reach",
+    "worker": "run a worker in the `serve` process",
+    "rate_per_minute": "submits per API key per rolling minute (0: no limit); per key: hidream keys limits",
+    "max_concurrent": "tasks per API key queued or running at once (0: no limit); per key: hidream keys limits",
+    "preview_every": "a low-resolution preview every N steps in the progress stream (0: none)",
+    "preview_size": "the preview's longer side, in pixels",
+    "webhook_timeout_s": "timeout of one webhook delivery attempt, in seconds",
+    "webhook_retry_s": "delay of the first webhook retry, in seconds; it doubles each time (at most 10 minutes)",
+    "webhook_give_up_s": "no webhook attempt starts later than this after the prediction ended, in seconds",
+}
+# Defaults that are not a plain value of `Settings`.
+_DEFAULT_SHOWN = {
+    "home": "$HOME/.cache/hidream", "model": "the demo checkpoint, whose images are noise",
+    "variant": "from the directory name; '-Dev' means dev", "device": "cuda when present, else cpu",
+    "dtype": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT", "database_url": "sqlite:///HOME/hidream.db",
+    "storage_dir": "HOME/storage", "storage_url": "the local directory, HIDREAM_STORAGE_DIR",
+    "s3_endpoint_url": "AWS S3", "s3_region": "boto3's", "s3_access_key_id": "boto3's default credentials",
+    "s3_secret_access_key": "boto3's default credentials", "secret": "generated once, kept in HOME/secret",
+    "fetch_allow": "none",
+}
+
+
+def shown_default(name: str) -> str:
+    """A setting's built-in default, as `--help` shows it."""
+    if name in _DEFAULT_SHOWN:
+        return _DEFAULT_SHOWN[name]
+    value = next(f for f in fields(Settings) if f.name == name)
+    value = value.default_factory() if value.default_factory is not MISSING else value.default
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def help_text(name: str) -> str:
+    """`meaning (default: X; env HIDREAM_X)`, escaped for argparse."""
+    return f"{HELP[name]} (default: {shown_default(name)}; env {ENV_NAMES[name]})".replace("%", "%%")
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
