@@ -440,6 +440,8 @@ def test_version(home: Path) -> None:
     (["worker", "--lease-s", "soon"], "error: --lease-s: must be a number (got 'soon')", "hidream worker"),
     (["submit", "a cat", "--format", "gif"], "error: --format: must be one of png, jpeg, webp (got 'gif')",
      "hidream submit"),
+    (["generate", "--ref", "a.png", "--", "a cat", "-o", "x.png"],
+     "error: -o: after --, options are arguments; put -o before the --", "hidream generate"),
 ])
 def test_a_mistake_prints_one_line_and_where_to_look(home: Path, args: list[str], says: str, prog: str) -> None:
     done = cli(args, su.service_env(home, None))

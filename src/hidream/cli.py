@@ -99,6 +99,8 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unexpected argument {extras[0]!r}{quote}")
         name = option.split("=", 1)[0]
         known = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+        if name in known:  # a real option, left over: it came after `--`, where everything is an argument
+            self.error(f"{name}: after --, options are arguments; put {name} before the --")
         takers = [c for c, names in COMMAND_SETTINGS.items() if name in map(setting_flag, names)]
         if takers:  # a setting of another command (`keys --port`)
             who = " and ".join(takers) + (" does" if len(takers) == 1 else " do")
