@@ -271,31 +271,31 @@ def test_files_a_killed_process_left_are_swept_at_start_up(tmp_path: Path, demo_
     ended task's references: the next start removes both, and leaves a submit in flight alone."""
     home = tmp_path / "home"
     files = home / "storage"
-    env = su.service_env(home, demo_checkpoint)
+    store = Store.open(f"sqlite:///{home / 'hidream.db'}")  # the database `serve` opens: a task that completed
+    key, _ = store.create_key("k")
+    done = store.insert_task(key.id, MODEL, {"num_images": 1, "output_format": "png"}, [], 10)
+    store.claim("w", [MODEL], 30)
+    assert store.complete(done["id"], "w", [f"outputs/{done['id']}/0.png"], 1, 1)
+    store.engine.dispose()
+    old = time.time() - ORPHAN_AFTER_S - 60
+    leftovers = {"references/" + "a" * 32 + "/0.png": old,  # no row, old: a killed submit's
+                 f"references/{done['id']}/0.png": time.time(),  # an ended task's: any age
+                 "references/" + "b" * 32 + "/0.png": time.time(),  # no row yet, just written: in flight
+                 f"outputs/{done['id']}/0.png": old}  # a completed task's image
+    for key_path, mtime in leftovers.items():
+        path = files / key_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png(8, 8))
+        os.utime(path, (mtime, mtime))
     procs = su.Processes(tmp_path / "logs")
     try:
-        first = procs.serve(env)
-        key = first.first_key()
-        with su.client(first.base_url, key) as c:
-            ref = "data:image/png;base64," + base64.b64encode(png(64, 48)).decode()
-            done = su.ok(c.post(GENERATE, json=SMALL | {"reference_image_urls": [ref], "enable_sync_mode": True}))
-        first.stop()
-        old = time.time() - ORPHAN_AFTER_S - 60
-        leftovers = {"references/" + "a" * 32 + "/0.png": old,  # no row, old: a killed submit's
-                     f"references/{done['id']}/0.png": time.time(),  # an ended task's: any age
-                     "references/" + "b" * 32 + "/0.png": time.time()}  # no row yet, just written: in flight
-        for key_path, mtime in leftovers.items():
-            path = files / key_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(png(8, 8))
-            os.utime(path, (mtime, mtime))
-        second = procs.serve(env)
+        server = procs.serve(su.service_env(home, demo_checkpoint))
         deadline = time.monotonic() + 20
         while stored(files, "references") != ["references/" + "b" * 32 + "/0.png"]:
             assert time.monotonic() < deadline, stored(files, "references")
             time.sleep(0.1)
-        assert second.alive()
-        assert stored(files, f"outputs/{done['id']}")  # a completed task's images stay
+        assert server.alive()
+        assert stored(files, "outputs") == [f"outputs/{done['id']}/0.png"]  # a completed task's images stay
     finally:
         procs.stop_all()
 

@@ -163,7 +163,6 @@ def create_app(settings: Settings, store: Store, storage: Storage, worker: Worke
                          description="The HiDream O1 1.5 image API, self-hosted on the open HiDream-O1-Image weights.")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.ctx = ctx
-    app.state.settings, app.state.store, app.state.storage, app.state.worker = settings, store, storage, worker
     add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
