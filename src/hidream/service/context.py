@@ -58,8 +58,13 @@ class ApiContext:
         return key_id
 
 
-def context(request: Request) -> ApiContext:
+def context_of(request: Request) -> ApiContext:
     return request.app.state.ctx
+
+
+async def context(request: Request) -> ApiContext:
+    """The `Ctx` dependency (async: FastAPI runs a plain def dependency in the thread pool, a hop per request)."""
+    return context_of(request)
 
 
 Ctx = Annotated[ApiContext, Depends(context)]

@@ -40,7 +40,7 @@ from hidream.rules import (
     RANDOM_SEED,
 )
 from hidream.service import schemas
-from hidream.service.context import ApiContext, context
+from hidream.service.context import ApiContext, context_of
 from hidream.service.errors import BadRequest, PayloadTooLarge, ServiceError
 from hidream.service.fetch import ImageInfo, check_image
 from hidream.service.submission import fingerprint, idempotency_key, submit, wait_for
@@ -346,7 +346,7 @@ FILES = {"type": "array", "items": {"type": "string", "format": "binary"}, "minI
 @router.post("/v1/images/generations", **_docs("application/json", _params_schema()))
 async def openai_generations(request: Request) -> JSONResponse:
     """OpenAI's images.generate: text-to-image, answered when the images are ready."""
-    api = context(request)
+    api = context_of(request)
 
     async def work(key_id: str) -> JSONResponse:
         idem = idempotency_key(request)
@@ -362,7 +362,7 @@ async def openai_generations(request: Request) -> JSONResponse:
 @router.post("/v1/images/edits", **_docs("multipart/form-data", _params_schema(multipart=True, image=FILES)))
 async def openai_edits(request: Request) -> JSONResponse:
     """OpenAI's images.edit: one image edits it, 2 to 10 personalize; answered when the images are ready."""
-    api = context(request)
+    api = context_of(request)
 
     async def work(key_id: str) -> JSONResponse:
         idem = idempotency_key(request)
