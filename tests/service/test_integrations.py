@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,11 @@ class Receiver:
                 except OSError:  # the sender gave up waiting
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.http = su.LoopbackHTTP(Handler)
+        self.port = self.http.port
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return self.http.url(path)
 
     def for_path(self, path: str) -> list[Delivery]:
         with self.lock:
@@ -96,8 +94,7 @@ class Receiver:
 
     def close(self) -> None:
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
