@@ -14,10 +14,9 @@ from hidream.service.fetch import FetchPolicy
 from hidream.service.predictions import Renderer
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, UrlSigner
-from hidream.service.store import Limits, Store
+from hidream.service.store import TERMINAL, Limits, Store
 from hidream.service.worker import Worker
 
-TERMINAL = ("completed", "failed")
 AUTH_HINT = "send Authorization: Bearer <key>"
 
 

@@ -15,12 +15,11 @@ import time
 from fastapi.concurrency import run_in_threadpool
 
 from hidream.service.storage import Storage, discard_task_files
-from hidream.service.store import Store
+from hidream.service.store import TERMINAL, Store
 
 log = logging.getLogger("hidream.janitor")
 SWEEP_EVERY_S = 600.0
 ORPHAN_AFTER_S = 900.0  # a submit writes its files and its row within seconds: older files with no row are lost
-TERMINAL = ("completed", "failed")
 
 
 def sweep(store: Store, storage: Storage, orphan_after_s: float = ORPHAN_AFTER_S, now: float | None = None) -> int:

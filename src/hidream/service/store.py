@@ -39,6 +39,7 @@ from hidream.service.tables import api_keys, idempotency_keys, tasks, uploads, u
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "hd-"
 ACTIVE = ("created", "processing")
+TERMINAL = ("completed", "failed")
 CANCELED = "canceled"  # the error of a canceled prediction
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 RATE_WINDOW = timedelta(minutes=1)

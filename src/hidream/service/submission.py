@@ -78,11 +78,10 @@ async def reference(ctx: ApiContext, url: str, field: str, key_id: str) -> Refer
     return data, await run_in_threadpool(check_image, data, ctx.policy, field)
 
 
-def output_size(body: schemas.GenerateImageRequest, references: list[Reference],
+def output_size(body: schemas.GenerateImageRequest, width: int, height: int, references: list[Reference],
                 field: str = "reference_image_urls") -> tuple[int, int]:
-    """The output's (width, height), after the engine's own reference and size checks (BadRequest naming
+    """The output's (width, height) for the requested size, after the engine's reference checks (BadRequest naming
     `field[i]` for a reference it would refuse), so that a queued task never fails on its input."""
-    width, height = schemas.resolve_size(body.image_size)
     try:
         plan = plan_references([(info.width, info.height) for _, info in references], width, height,
                                body.keep_original_aspect, field=field)
@@ -107,7 +106,7 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     if model is None:
         served = ", ".join([*settings.model_ids, *settings.aliases])
         raise BadRequest(f"model: must be one of {served} (got {body.model!r})")
-    schemas.resolve_size(body.image_size)  # before any fetch: a bad size costs nothing
+    width, height = schemas.resolve_size(body.image_size)  # before any fetch: a bad size costs nothing
     if idempotency is not None:  # a replay costs no fetch
         earlier = await run_in_threadpool(store.idempotent_task, key_id, *idempotency)
         if earlier is not None:
@@ -119,7 +118,7 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
                                                  for i, u in enumerate(body.reference_image_urls))))
         shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
                       for u in body.reference_image_urls]
-    width, height = output_size(body, references, reference_field)
+    width, height = output_size(body, width, height, references, reference_field)
     seed = body.seed if body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     mode = ("text-to-image", "edit")[len(references)] if len(references) < 2 else "personalization"
     task_id = secrets.token_hex(16)
