@@ -38,6 +38,24 @@ def test_unreachable_database_at_start_up_is_a_clear_error_after_retries(
     assert any("retrying in" in r.getMessage() for r in caplog.records)
 
 
+def test_a_slow_first_try_still_gets_a_retry_before_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tries: list[float] = []
+
+    def refused(url: str) -> Store:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            time.sleep(0.8)  # a loaded machine: the first try alone eats most of the window
+        raise OperationalError("connect", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(Store, "open", staticmethod(refused))
+    started = time.monotonic()
+    with pytest.raises(ServiceError):
+        open_store(Settings(home=tmp_path, database_url="postgresql://h@127.0.0.1:1/none"), wait_s=1.0)
+    assert len(tries) >= 2  # the wait before the deadline was cut short, not skipped
+    assert time.monotonic() - started < 1.6
+
+
 def test_worker_keeps_going_while_the_database_is_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(home=tmp_path, lease_s=1.0)
     store = Store.open(settings.db_url)

@@ -87,11 +87,14 @@ def open_store(settings: Settings, wait_s: float = 60.0) -> Store:
             return Store.open(settings.db_url)
         except OperationalError as err:
             reason = str(err.orig or err).splitlines()[0][:300]
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 shown = make_url(settings.db_url).render_as_string(hide_password=True)
                 raise ServiceError(f"HIDREAM_DATABASE_URL: cannot connect to {shown} ({reason})") from err
-            log.warning("database not reachable yet (%s); retrying in %.1f s", reason, delay)
-            time.sleep(delay)
+            # the last wait is cut to the deadline, so a slow first try still gets its retry at the end
+            pause = min(delay, left)
+            log.warning("database not reachable yet (%s); retrying in %.1f s", reason, pause)
+            time.sleep(pause)
             delay = min(delay * 2, 10.0)
 
 
