@@ -331,6 +331,7 @@ MEASURE = textwrap.dedent("""
 
     import torch
     from hidream.engine.checkpoint import load_model
+    import transformers.models.qwen3_vl.modeling_qwen3_vl  # imported when the model is built: not the loader's
 
     path = Path(sys.argv[1])
     try:  # reset VmHWM to the current RSS, so import-time peaks do not count (Linux >= 4.0)

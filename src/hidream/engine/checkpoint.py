@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from hidream.engine.config import ModelSpec, load_spec
 from hidream.engine.errors import CheckpointError
+from hidream.engine.layers import Linear
 from hidream.engine.model import HiDreamO1
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,12 +81,22 @@ def _check(model: nn.Module, found: dict[str, tuple[Path, tuple[int, ...]]]) -> 
             raise CheckpointError(f"{name}: shape {list(got)} in {file.name}, the config needs {list(shape)}")
 
 
-def _iter_tensors(files: Iterator[Path], device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(files: Iterator[Path], device: torch.device,
+                  dtype_of: Callable[[str], torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with _open(file, str(device)) as f:
             for name in f.keys():
                 if not name.startswith(IGNORED_PREFIXES):
-                    yield name, f.get_tensor(name).to(dtype)
+                    yield name, f.get_tensor(name).to(dtype_of(name))
+
+
+def gemm_weights(model: HiDreamO1) -> set[str]:
+    """Names of the decoder's and generation parts' Linear weights and biases (not the ViT's)."""
+    names = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, Linear) and not mod_name.startswith("model.visual."):
+            names.update(f"{mod_name}.{p}" for p, _ in module.named_parameters())
+    return names
 
 
 def _materialize_buffers(model: HiDreamO1, device: torch.device) -> None:
@@ -95,9 +106,13 @@ def _materialize_buffers(model: HiDreamO1, device: torch.device) -> None:
     visual.rotary_pos_emb = rotary.to(device)
 
 
-def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None) -> HiDreamO1:
+def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None,
+               gemm_dtype: torch.dtype | None = None) -> HiDreamO1:
     """Build the model on the meta device and fill it straight from the files on `device` in `dtype`.
 
+    `gemm_dtype`: the decoder's and generation parts' Linear weights in that dtype instead, the rest
+    (embeddings, norms, the ViT) in `dtype`: bf16 GEMMs on a float32 residual stream. The ViT then
+    runs under autocast to `gemm_dtype`, as the official code's "fp32" mode runs everything.
     Every problem is found from the headers before any weight is read: a missing, unexpected or
     misshapen tensor raises CheckpointError naming it.
     """
@@ -106,9 +121,10 @@ def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype, spec:
     with torch.device("meta"):
         model = HiDreamO1(spec)
     _check(model, _scan(files))
+    gemms = gemm_weights(model) if gemm_dtype is not None else set()
     loaded: set[str] = set()
     batch: dict[str, torch.Tensor] = {}
-    for name, tensor in _iter_tensors(iter(files), device, dtype):
+    for name, tensor in _iter_tensors(iter(files), device, lambda n: gemm_dtype if n in gemms else dtype):
         batch[name] = tensor
         if len(batch) >= 64:
             model.load_state_dict(batch, strict=False, assign=True)
@@ -117,6 +133,7 @@ def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype, spec:
     model.load_state_dict(batch, strict=False, assign=True)
     loaded.update(batch)
     _materialize_buffers(model, device)
+    model.vision_autocast = gemm_dtype
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
     if still_meta:  # guarded by _check; a file changing under us would land here
         raise CheckpointError(f"tensor(s) not loaded: {', '.join(still_meta[:5])}")

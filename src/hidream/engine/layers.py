@@ -1,8 +1,14 @@
-"""Small tensor functions of the decoder: RMSNorm, interleaved 3-axis mRoPE, attention."""
+"""Small tensor functions of the decoder: RMSNorm, a dtype-following Linear, interleaved 3-axis mRoPE, attention.
+
+Activations are laid out [B, S, H, D] (batch, tokens, heads, head_dim): what FlashAttention takes, and
+what a K/V buffer is written in token by token. SDPA gets transposed views.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,30 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that casts its input to the weight's dtype, as autocast does.
+
+    With bf16 weights and a float32 residual stream (`bf16-fp32acc`) the GEMM runs in bf16 and its
+    bf16 output is added to the float32 stream by the caller; with one dtype throughout it is nn.Linear.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def fuse_linears(parts: list[nn.Linear]) -> Linear:
+    """One Linear computing every part's output side by side (outputs concatenated in order)."""
+    first = parts[0]
+    bias = first.bias is not None
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=bias,
+                   device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(first.weight.requires_grad)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
@@ -50,18 +80,46 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, S, D]; cos/sin: [B, S, D]."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x: [B, S, H, D]; cos/sin: [B, S, D]."""
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """Scaled dot-product attention with grouped key/value heads.
+FlashFn = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
-    q: [B, H, Sq, D]; k, v: [B, KVH, Sk, D]; mask: bool [B or 1, 1, Sq, Sk], True = may attend.
+
+@functools.cache
+def flash_kernel() -> FlashFn | None:
+    """FlashAttention 3, else 2, when installed (`pip install hidream[flash]`); None otherwise."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3  # FlashAttention 3 (Hopper)
+
+        def run3(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+            out = fa3(q, k, v, causal=causal)
+            return out[0] if isinstance(out, tuple) else out
+
+        return run3
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func as fa2
+
+        return lambda q, k, v, causal: fa2(q, k, v, causal=causal)
+    except ImportError:
+        return None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """Scaled dot-product attention with grouped key/value heads, never a mask.
+
+    q: [B, Sq, H, D]; k, v: [B, Sk, KVH, D] -> [B, Sq, H, D]. `causal` aligns the top left (Sq == Sk).
+    FlashAttention on CUDA when installed; otherwise SDPA with `enable_gqa` (no expanded copies
+    of K/V), whose mask-free calls are eligible for its flash kernel.
     """
-    if k.shape[1] != q.shape[1]:
-        # Expanding keeps every SDPA backend available (enable_gqa rules some out).
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / math.sqrt(q.shape[-1]))
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        flash = flash_kernel()
+        if flash is not None:
+            return flash(q, k, v, causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=causal, scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)

@@ -1,42 +1,97 @@
 """HiDream-O1: the Qwen3-VL backbone plus the three generation parts, named as in the official checkpoint.
 
-Two ways through the decoder, with identical results:
-- `forward_full`: the whole sequence every step with the attention rule as a mask (the reference);
-- `prefill` once per request and guidance branch, then `forward_generation` every step: the text
-  tokens never attend to generation tokens, so their keys and values are constant and cached.
+One `DecoderLayer.forward` serves every path; the paths differ only in how attention is done (an
+`Attend` passed in, one per layer):
+- `prefill`, once per request and guidance branch: the text tokens, causally; each layer's keys and
+  values are written into a preallocated `KVBuffer` sized for text + generation tokens;
+- `forward_generation`, every step: the generation tokens of one or more branches (their GEMMs
+  batched); each branch writes its K/V after its own text in its own buffer and attends over it,
+  with no mask (the text never attends to generation tokens, so its K/V are constant);
+- `forward_full`, the reference: the whole sequence of one branch, as the official code does it
+  (a causal pass over the text, a full pass for the generation rows).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from hidream.engine.config import PATCH_SIZE, ModelSpec
-from hidream.engine.layers import RMSNorm, apply_rope, attention
+from hidream.engine.layers import Linear, RMSNorm, apply_rope, attention, fuse_linears
 
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
 
 
-@dataclass
-class TextCache:
-    """Per-layer keys and values of the text (autoregressive) tokens: [B, KVH, T, D] each.
+class Attend(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, /) -> Tensor:
+        """q [B, S, H, D], k/v [B, S, KVH, D] of this layer's tokens -> attention output [B, S, H, D]."""
 
-    `key_mask` ([B, T], True = real token) is set when branches of different text lengths were
-    right-padded to share one batch.
-    """
+
+@dataclass
+class KVBuffer:
+    """One branch's keys and values, per layer [1, text_len + gen_len, KVH, D]: text first, written
+    once by the prefill; the generation tokens' rows are overwritten at every step."""
 
     keys: list[Tensor]
     values: list[Tensor]
-    key_mask: Tensor | None = None
+    text_len: int
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
+    @classmethod
+    def empty(cls, layers: int, text_len: int, gen_len: int, kv_heads: int, head_dim: int,
+              device: torch.device, dtype: torch.dtype) -> KVBuffer:
+        shape = (1, text_len + gen_len, kv_heads, head_dim)
+        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)],
+                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)], text_len)
+
+
+@dataclass
+class PrefillAttend:
+    """The text of one branch: causal attention; K/V kept in the buffer."""
+
+    keys: Tensor
+    values: Tensor
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        n = k.shape[1]
+        self.keys[:, :n].copy_(k)
+        self.values[:, :n].copy_(v)
+        return attention(q, k, v, causal=True)
+
+
+@dataclass
+class CachedAttend:
+    """Generation tokens of B branches: row b writes its K/V after branch b's text, then attends over
+    that whole buffer (one mask-free call per branch; the projections around it stay batched)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    text_lens: list[int]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        outs = []
+        for b, (kb, vb, start) in enumerate(zip(self.keys, self.values, self.text_lens, strict=True)):
+            kb[:, start:].copy_(k[b:b + 1])
+            vb[:, start:].copy_(v[b:b + 1])
+            outs.append(attention(q[b:b + 1], kb, vb))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@dataclass
+class FullAttend:
+    """The whole sequence of one branch, text first: text rows causal over the text, generation rows
+    over everything (the official two passes)."""
+
+    text_len: int
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        n = self.text_len
+        text = attention(q[:, :n], k[:, :n], v[:, :n], causal=True)
+        return torch.cat([text, attention(q[:, n:], k, v)], dim=1)
 
 
 @dataclass
@@ -53,36 +108,50 @@ class Attention(nn.Module):
         t = spec.text
         self.heads, self.kv_heads, self.head_dim = t.num_attention_heads, t.num_key_value_heads, spec.head_dim
         bias = bool(getattr(t, "attention_bias", False))
-        self.q_proj = nn.Linear(t.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(t.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(t.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, t.hidden_size, bias=bias)
+        self.q_proj = Linear(t.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(t.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(t.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, t.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, t.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, t.rms_norm_eps)
+        self.qkv_proj: Linear | None = None  # set by fuse(); q/k/v_proj are gone then
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one GEMM (the checkpoint's names stay the on-disk ones)."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, S, hidden] -> q [B, H, S, D], k/v [B, KVH, S, D], normed and rotated."""
+        """x: [B, S, hidden] -> q [B, S, H, D], k/v [B, S, KVH, D], normed and rotated."""
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def out(self, o: Tensor) -> Tensor:
-        b, _, s, _ = o.shape  # [B, H, S, D] -> [B, S, H*D]
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(b, s, self.heads, self.head_dim))
+        k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(b, s, self.kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         t = spec.text
-        self.gate_proj = nn.Linear(t.hidden_size, t.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(t.hidden_size, t.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(t.intermediate_size, t.hidden_size, bias=False)
+        self.gate_proj = Linear(t.hidden_size, t.intermediate_size, bias=False)
+        self.up_proj = Linear(t.hidden_size, t.intermediate_size, bias=False)
+        self.down_proj = Linear(t.intermediate_size, t.hidden_size, bias=False)
+        self.gate_up_proj: Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -94,10 +163,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.text.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(spec.text.hidden_size, eps)
 
-    def finish(self, h: Tensor, attn_out: Tensor) -> Tensor:
-        """Residual, then the MLP block."""
-        h = h + self.self_attn.out(attn_out)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        """h: [B, S, hidden] (the residual stream, in its own dtype) -> the same, one layer on.
+
+        q/k/v reach attention in the projections' dtype: with bf16 weights under a float32 stream
+        that is the official "fp32" mode's bf16 attention; otherwise a no-op.
+        """
+        attn = self.self_attn
+        dtype = attn.o_proj.weight.dtype
+        q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
+        o = attend(q.to(dtype), k.to(dtype), v.to(dtype))  # [B, S, H, D]
+        h = h + attn.o_proj(o.flatten(2))
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+LayerFn = Callable[[DecoderLayer, Tensor, Tensor, Tensor, Attend], Tensor]
 
 
 class TextModel(nn.Module):
@@ -114,8 +194,8 @@ class BottleneckPatchEmbed(nn.Module):
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.proj1 = nn.Linear(PATCH_DIM, hidden // 4, bias=False)
-        self.proj2 = nn.Linear(hidden // 4, hidden, bias=True)
+        self.proj1 = Linear(PATCH_DIM, hidden // 4, bias=False)
+        self.proj2 = Linear(hidden // 4, hidden, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj2(self.proj1(x))
@@ -127,12 +207,20 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
+        self._freqs: dict[torch.device, Tensor] = {}
+
+    def freqs(self, device: torch.device) -> Tensor:
+        """Computed on the CPU (as the official code does), copied to `device` once, not every step."""
+        if device not in self._freqs:
+            half = self.freq_dim // 2
+            self._freqs[device] = torch.exp(
+                -math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half).to(device)
+        return self._freqs[device]
 
     def forward(self, t: Tensor) -> Tensor:
         """t: [B] in [0, 1] (1 - sigma) -> [B, hidden]."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        freqs = self.freqs(t.device)
         args = (t * 1000).float()[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
@@ -141,7 +229,7 @@ class TimestepEmbedder(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden, PATCH_DIM, bias=True)
+        self.linear = Linear(hidden, PATCH_DIM, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
@@ -150,6 +238,8 @@ class FinalLayer(nn.Module):
 class HiDreamCore(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel  # 2-3 s: when built
+
         hidden = spec.text.hidden_size
         self.visual = Qwen3VLVisionModel._from_config(spec.vision, attn_implementation="sdpa")
         self.language_model = TextModel(spec)
@@ -165,6 +255,8 @@ class HiDreamO1(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = HiDreamCore(spec)
+        # bf16-fp32acc: the ViT keeps float32 weights and runs under bf16 autocast, as the official "fp32" mode
+        self.vision_autocast: torch.dtype | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -175,7 +267,9 @@ class HiDreamO1(nn.Module):
     def encode_images(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:
         """ViT features of the conditioning images: ([n_tokens, hidden], DeepStack [n_tokens, hidden] per layer)."""
         visual = self.model.visual
-        out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, return_dict=True)
+        device = pixel_values.device.type
+        with torch.autocast(device, self.vision_autocast or torch.bfloat16, enabled=self.vision_autocast is not None):
+            out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, return_dict=True)
         return out.pooler_output, list(out.deepstack_features)
 
     def embed_text(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
@@ -201,62 +295,52 @@ class HiDreamO1(nn.Module):
 
     # --- the decoder ----------------------------------------------------------------------------
 
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up of every layer as one GEMM each; same results, fewer and larger kernels."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def compile_layers(self, **options) -> None:
+        """Regional torch.compile: the one layer function, shared by all layers (weights are inputs,
+        so the graph is compiled once per input shape, not once per layer); used by the steps."""
+        self.step_layer = torch.compile(DecoderLayer.forward, **options)
+
+    step_layer: LayerFn = staticmethod(DecoderLayer.forward)  # an instance attribute once compiled
+
+    def new_buffer(self, text_len: int, gen_len: int) -> KVBuffer:
+        attn = self.layers[0].self_attn
+        return KVBuffer.empty(len(self.layers), text_len, gen_len, attn.kv_heads, attn.head_dim,
+                              attn.o_proj.weight.device, attn.o_proj.weight.dtype)
+
     def _inject(self, h: Tensor, i: int, visual: VisualInjection | None) -> Tensor:
         if visual is None or i >= len(visual.features):
             return h
         pos = visual.positions
         if pos.shape[1] < h.shape[1]:  # full sequence: no image tokens past the text
-            pos = F.pad(pos, (0, h.shape[1] - pos.shape[1]))
+            pos = torch.nn.functional.pad(pos, (0, h.shape[1] - pos.shape[1]))
         h = h.clone()
         h[pos] = h[pos] + visual.features[i].to(h.dtype)
         return h
 
-    def forward_full(self, h: Tensor, cos: Tensor, sin: Tensor, text_len: int,
-                     visual: VisualInjection | None) -> Tensor:
-        """Reference path: every token, every layer; h: [B, S, hidden] with text first.
-
-        The attention rule as a mask: text rows are causal over text columns only; generation
-        rows see every column.
-        """
-        s = h.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=h.device)
-        mask[:text_len] = False
-        mask[:text_len, :text_len] = torch.ones(text_len, text_len, dtype=torch.bool, device=h.device).tril()
+    def prefill(self, h: Tensor, cos: Tensor, sin: Tensor, visual: VisualInjection | None, buffer: KVBuffer) -> None:
+        """Run one branch's text tokens [1, T, hidden] causally, filling `buffer`'s text rows."""
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-            h = layer.finish(h, attention(q, k, v, mask[None, None]))
+            h = layer(h, cos, sin, PrefillAttend(buffer.keys[i], buffer.values[i]))
             h = self._inject(h, i, visual)
+
+    def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer]) -> Tensor:
+        """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself."""
+        lens = [b.text_len for b in buffers]
+        for i, layer in enumerate(self.layers):
+            attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], lens)
+            h = self.step_layer(layer, h, cos, sin, attend)
         return h
 
-    def prefill(self, h: Tensor, cos: Tensor, sin: Tensor, visual: VisualInjection | None,
-                key_mask: Tensor | None = None) -> TextCache:
-        """Run the text tokens once, causally; keep each layer's keys and values.
-
-        key_mask: [B, T] True for real tokens when rows were right-padded to one length.
-        The last layer's MLP is skipped: nothing downstream reads the text's output.
-        """
-        keys, values = [], []
-        last = len(self.layers) - 1
+    def forward_full(self, h: Tensor, cos: Tensor, sin: Tensor, text_len: int,
+                     visual: VisualInjection | None) -> Tensor:
+        """Reference path: every token of one branch, every layer; h: [1, S, hidden] with text first."""
+        attend = FullAttend(text_len)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-            keys.append(k)
-            values.append(v)
-            if i == last:
-                break
-            # Right padding sits after every real token, so causal masking alone is exact for them.
-            h = layer.finish(h, attention(q, k, v, causal=True))
-            h = self._inject(h, i, visual)
-        return TextCache(keys, values, key_mask)
-
-    def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, cache: TextCache) -> Tensor:
-        """Generation tokens [B, G, hidden] attend to the cached text and to each other."""
-        mask = None
-        if cache.key_mask is not None:
-            ones = torch.ones(h.shape[0], h.shape[1], dtype=torch.bool, device=h.device)
-            mask = torch.cat([cache.key_mask, ones], dim=1)[:, None, None, :]  # [B, 1, 1, T + G]
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-            k = torch.cat([cache.keys[i], k], dim=2)
-            v = torch.cat([cache.values[i], v], dim=2)
-            h = layer.finish(h, attention(q, k, v, mask))
+            h = self._inject(self.step_layer(layer, h, cos, sin, attend), i, visual)
         return h

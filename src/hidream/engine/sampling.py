@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hidream.engine.errors import GenerationCanceled
 from hidream.engine.layers import mrope_cos_sin, rope_inv_freq
-from hidream.engine.model import HiDreamO1, TextCache, VisualInjection
+from hidream.engine.model import HiDreamO1, KVBuffer, VisualInjection
 from hidream.engine.schedulers import Sampler, Schedule
 from hidream.engine.sequence import Branch
 
@@ -39,8 +38,9 @@ class Conditioning:
 class Denoiser:
     """Predicts the target's x0 for every branch: [n_branches, L, 3072].
 
-    mode "cached": text keys/values computed once, generation tokens only at each step, branches
-    batched in one forward when `batch` (text padded to one length, padding masked out).
+    mode "cached": each branch's text runs once into its own K/V buffer; every step runs the
+    generation tokens only, the branches' GEMMs batched in one forward when `batch` (attention stays
+    per branch, so no padding and no mask).
     mode "full": the whole sequence of each branch every step, one branch at a time (the reference).
     """
 
@@ -51,35 +51,37 @@ class Denoiser:
         self.device = model.model.language_model.embed_tokens.weight.device
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta)
         self._rope = lambda pos: mrope_cos_sin(pos.to(self.device), inv_freq, spec.mrope_section, self.dtype)
-        self.groups: list[tuple[list[int], TextCache | None, tuple[Tensor, Tensor]]] = []
+        # (branch rows, their K/V buffers (None: full recompute), RoPE cos/sin of the rows' tokens)
+        self.groups: list[tuple[list[int], list[KVBuffer] | None, tuple[Tensor, Tensor]]] = []
         if mode == "full":
             for b in cond.branches:
                 pos = torch.cat([b.text_positions, b.gen_positions], dim=2)
                 self.groups.append(([len(self.groups)], None, self._rope(pos)))
             return
-        caches = []
+        buffers = []
         for b, emb, vis in zip(cond.branches, cond.text_embeds, cond.visual, strict=True):
-            cos, sin = self._rope(b.text_positions)
-            caches.append(model.prefill(emb, cos, sin, vis))
+            buffer = model.new_buffer(emb.shape[1], b.gen_positions.shape[2])
+            model.prefill(emb, *self._rope(b.text_positions), vis, buffer)
+            buffers.append(buffer)
         gen_rope = [self._rope(b.gen_positions) for b in cond.branches]
-        if batch and len(caches) > 1:
+        if batch and len(buffers) > 1:
             cos = torch.cat([c for c, _ in gen_rope])
             sin = torch.cat([s for _, s in gen_rope])
-            self.groups.append((list(range(len(caches))), _stack_caches(caches), (cos, sin)))
+            self.groups.append((list(range(len(buffers))), buffers, (cos, sin)))
         else:
-            for i, (cache, rope) in enumerate(zip(caches, gen_rope, strict=True)):
-                self.groups.append(([i], cache, rope))
+            for i, (buffer, rope) in enumerate(zip(buffers, gen_rope, strict=True)):
+                self.groups.append(([i], [buffer], rope))
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
-        """z: [1, L, 3072] noisy target; t: 0-d float32 (1 - sigma)."""
+        """z: [1, L, 3072] noisy target; t: 0-d float32 (1 - sigma), best on the model's device."""
         cond = self.cond
         patches = z if cond.refs is None else torch.cat([z, cond.refs], dim=1)
         outs: list[Tensor] = []
-        for rows, cache, (cos, sin) in self.groups:
+        for rows, buffers, (cos, sin) in self.groups:
             n = len(rows)
             gen = self.model.embed_generation(t.reshape(1).expand(n).to(self.device), patches.expand(n, -1, -1))
-            if cache is not None:
-                h = self.model.forward_generation(gen, cos, sin, cache)[:, 1:1 + cond.target_len]
+            if buffers is not None:
+                h = self.model.forward_generation(gen, cos, sin, buffers)[:, 1:1 + cond.target_len]
             else:
                 (i,) = rows
                 text = cond.text_embeds[i]
@@ -87,19 +89,7 @@ class Denoiser:
                 h = self.model.forward_full(h, cos, sin, text.shape[1], cond.visual[i])
                 h = h[:, text.shape[1] + 1:text.shape[1] + 1 + cond.target_len]
             outs.append(self.model.predict(h))
-        return torch.cat(outs)
-
-
-def _stack_caches(caches: list[TextCache]) -> TextCache:
-    """Right-pad each branch's keys/values to the longest text and stack them as one batch."""
-    longest = max(c.length for c in caches)
-    keys, values = [], []
-    for layer in range(len(caches[0].keys)):
-        keys.append(torch.cat([F.pad(c.keys[layer], (0, 0, 0, longest - c.length)) for c in caches]))
-        values.append(torch.cat([F.pad(c.values[layer], (0, 0, 0, longest - c.length)) for c in caches]))
-    device = caches[0].keys[0].device
-    mask = torch.stack([torch.arange(longest, device=device) < c.length for c in caches])
-    return TextCache(keys, values, mask if any(c.length < longest for c in caches) else None)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def velocity(x0: Tensor, z: Tensor, sigma: Tensor, guidance: float) -> Tensor:
@@ -122,12 +112,16 @@ def denoise(
     """Run every step of `schedule` from the initial noise `z` ([1, L, 3072]); returns the final patches."""
     dtype = z.dtype
     total = len(schedule.timesteps)
-    for i, step_t in enumerate(schedule.timesteps):
+    # On the latent's device before the loop: nothing in it waits for the device.
+    sigmas = torch.tensor(schedule.timesteps, dtype=torch.float32).div(1000.0).to(z.device)
+    if hasattr(sampler, "to"):
+        sampler.to(z.device)
+    for i in range(total):
         if should_cancel is not None and should_cancel():
             raise GenerationCanceled(f"canceled before step {i + 1} of {total}")
-        t = torch.tensor(step_t, dtype=torch.float32) / 1000.0
+        t = sigmas[i]
         x0 = denoiser(z, (1.0 - t))
-        v = velocity(x0, z, t.clamp_min(T_EPS).to(z.device), guidance)
+        v = velocity(x0, z, t.clamp_min(T_EPS), guidance)
         z = sampler.step(-v, z.float()).to(dtype)
         if progress is not None:
             progress(i + 1, total, lambda x0=x0: x0[:1])

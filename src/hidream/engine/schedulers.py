@@ -109,12 +109,16 @@ class Sampler(Protocol):
 
 
 class _Stepper:
-    """Step counter over a schedule's float32 sigmas (kept on the CPU, as 0-dim scalars)."""
+    """Step counter over a schedule's float32 sigmas (on the CPU until `to(device)`)."""
 
     def __init__(self, schedule: Schedule) -> None:
         self.sigmas = torch.tensor(schedule.sigmas, dtype=torch.float32)
         self.num_steps = schedule.steps
         self.step_index = 0
+
+    def to(self, device: torch.device) -> None:
+        """Move the sigmas to the latent's device once, so no step copies a scalar to it."""
+        self.sigmas = self.sigmas.to(device)
 
     def _advance(self) -> int:
         if self.step_index >= self.num_steps:
@@ -157,8 +161,8 @@ class FlashEuler(_Stepper):
             model_output.shape, generator=self.generator, device=model_output.device, dtype=torch.float32
         )
         if self.noise_clip_std > 0:
-            clip = self.noise_clip_std * noise.std().item()
-            noise = noise.clamp(min=-clip, max=clip)
+            clip = self.noise_clip_std * noise.std()  # a device tensor: no wait for the device
+            noise = torch.clamp(noise, min=-clip, max=clip)
         return sigma_next * noise * self.noise_scales[i] + (1.0 - sigma_next) * denoised
 
 
@@ -168,6 +172,10 @@ class UniPCMultistep(_Stepper):
     The scalar math runs in 0-dim float32 tensors in the original's operation order, so results
     match it bit for bit.
     """
+
+    def to(self, device: torch.device) -> None:
+        """The UniPC coefficients are scalar math on host 0-dim tensors (bit-exact with the original,
+        which also keeps its sigmas on the CPU); they never wait for the device, so they stay."""
 
     def __init__(self, schedule: Schedule) -> None:
         super().__init__(schedule)
