@@ -60,3 +60,91 @@ def seed_ok(value: object, random_allowed: bool = True) -> bool:
 
 def images_ok(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_IMAGES
+
+
+# --- the sampling recipe's knobs (extensions of the hosted contract) ---------------------------------------
+
+SCHEDULERS = ("unipc", "flash", "euler")
+MAX_TIMESTEP = 1000  # the model's training timesteps: t / 1000 is the step's sigma
+MAX_NOISE_SCALE = 100.0
+MAX_NOISE_CLIP_STD = 10.0
+# The noise settings follow the scheduler, whatever the mode or variant (the official code): flash re-noises
+# every step, from noise_scale to noise_scale_end, the noise clipped at noise_clip_std standard deviations;
+# unipc and euler only use noise_scale, for the initial noise. (noise_scale, noise_scale_end, noise_clip_std):
+NOISE_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    "flash": (7.5, 7.5, 2.5),
+    "unipc": (8.0, 8.0, 0.0),
+    "euler": (8.0, 8.0, 0.0),
+}
+
+SCHEDULER_RULE = "must be unipc, flash or euler"
+TIMESTEPS_RULE = (f"must be a list of 1 to {MAX_STEPS} strictly decreasing integers from 1 to {MAX_TIMESTEP} "
+                  "(each step's sigma is t/1000)")
+NOISE_SCALE_RULE = f"must be a number above 0 and at most {MAX_NOISE_SCALE:g}"
+NOISE_SCALE_END_RULE = f"must be a number from 0 to {MAX_NOISE_SCALE:g}"
+NOISE_CLIP_STD_RULE = f"must be a number from 0 to {MAX_NOISE_CLIP_STD:g} (0: no clipping)"
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def scheduler_ok(value: object) -> bool:
+    return value in SCHEDULERS
+
+
+def timesteps_ok(value: object) -> bool:
+    if isinstance(value, str | bytes) or not hasattr(value, "__len__") or not 1 <= len(value) <= MAX_STEPS:
+        return False
+    ts = list(value)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= MAX_TIMESTEP for t in ts):
+        return False
+    return all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def noise_scale_ok(value: object) -> bool:
+    return _number(value) and 0.0 < value <= MAX_NOISE_SCALE
+
+
+def noise_scale_end_ok(value: object) -> bool:
+    return _number(value) and 0.0 <= value <= MAX_NOISE_SCALE
+
+
+def noise_clip_std_ok(value: object) -> bool:
+    return _number(value) and 0.0 <= value <= MAX_NOISE_CLIP_STD
+
+
+def _shown(value: object) -> str:
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def sampling_problem(recipe_scheduler: str, *, scheduler: object = None, steps: object = None,
+                     shift: object = None, timesteps: object = None, noise_scale: object = None,
+                     noise_scale_end: object = None, noise_clip_std: object = None) -> tuple[str, str] | None:
+    """(field, rule) of the first sampling setting that breaks a rule, in the engine's names, or None.
+
+    None means absent (the recipe's default). `recipe_scheduler` is the scheduler the request's mode samples
+    with when it asks for none. steps, shift and guidance are checked on their own elsewhere; here only how
+    they meet an explicit timesteps list.
+    """
+    if scheduler is not None and not scheduler_ok(scheduler):
+        return "scheduler", f"{SCHEDULER_RULE} (got {_shown(scheduler)})"
+    if timesteps is not None:
+        if not timesteps_ok(timesteps):
+            return "timesteps", f"{TIMESTEPS_RULE} (got {_shown(timesteps)})"
+        if steps is not None and steps != len(timesteps):  # type: ignore[arg-type]
+            return "steps", f"must equal the number of timesteps ({len(timesteps)}) or be left out (got {steps!r})"
+        if shift is not None:
+            return "shift", "has no effect with explicit timesteps (each step's sigma is t/1000); leave it out"
+    for name, value, ok, rule in (("noise_scale", noise_scale, noise_scale_ok, NOISE_SCALE_RULE),
+                                  ("noise_scale_end", noise_scale_end, noise_scale_end_ok, NOISE_SCALE_END_RULE),
+                                  ("noise_clip_std", noise_clip_std, noise_clip_std_ok, NOISE_CLIP_STD_RULE)):
+        if value is not None and not ok(value):
+            return name, f"{rule} (got {_shown(value)})"
+    chosen = scheduler or recipe_scheduler
+    for name, value in (("noise_scale_end", noise_scale_end), ("noise_clip_std", noise_clip_std)):
+        if value is not None and chosen != "flash":
+            return name, (f"is used only by the flash scheduler (this request samples with {chosen}); ask for "
+                          "the flash scheduler or leave it out")
+    return None

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-
-from transformers import Qwen3VLConfig
+from typing import TYPE_CHECKING, Literal
 
 from hidream.engine.errors import CheckpointError
+from hidream.rules import NOISE_DEFAULTS
+
+if TYPE_CHECKING:  # imported where used: the recipes serve the API process too, which needs no model
+    from transformers import Qwen3VLConfig
+
+log = logging.getLogger("hidream.engine")
 
 PATCH_SIZE = 32
 # Target and reference patch grids are placed at this mRoPE offset, past any text.
@@ -24,18 +29,26 @@ SchedulerName = Literal["unipc", "flash", "euler"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one checkpoint variant samples: the official defaults, per mode."""
+    """How one checkpoint variant samples: the official defaults, per mode (or a request's, resolved)."""
 
     variant: Variant
     steps: int
     guidance: float
     shift: float
     scheduler: SchedulerName
-    noise_scale: float
-    noise_scale_end: float
-    noise_clip_std: float = 0.0
+    noise_scale: float  # the initial noise's scale (every scheduler), and flash's first re-noise
+    noise_scale_end: float  # flash: the last step's re-noise scale (linear in between)
+    noise_clip_std: float = 0.0  # flash: re-noise clipped at this many standard deviations (0: no clip)
     # Dev: the distilled fixed timesteps when `steps` equals their count.
     fixed_timesteps: bool = False
+    # One model timestep per step (sigma t/1000, then 0): an explicit list, or Dev's fixed one; None: the
+    # scheduler's own schedule for `steps` and `shift`.
+    timesteps: tuple[int, ...] | None = None
+
+    def with_scheduler(self, scheduler: SchedulerName) -> Recipe:
+        """This recipe on `scheduler`, with that scheduler's noise settings: noise follows the scheduler."""
+        scale, end, clip = NOISE_DEFAULTS[scheduler]
+        return replace(self, scheduler=scheduler, noise_scale=scale, noise_scale_end=end, noise_clip_std=clip)
 
 
 FULL_RECIPE = Recipe("full", steps=50, guidance=5.0, shift=3.0, scheduler="unipc", noise_scale=8.0, noise_scale_end=8.0)
@@ -49,8 +62,8 @@ def recipe_for(variant: Variant, num_references: int) -> Recipe:
     """The official recipe for a variant and mode (0 refs: text-to-image, 1: edit, 2+: personalization)."""
     if variant == "dev":
         if num_references == 1:
-            # The official Dev editing path: plain flow-matching Euler, default noise scale 8.
-            return replace(DEV_RECIPE, scheduler="euler", noise_scale=8.0, noise_scale_end=8.0, noise_clip_std=0.0)
+            # The official Dev editing default: plain flow-matching Euler (its noise: 8, no clip), same timesteps.
+            return DEV_RECIPE.with_scheduler("euler")
         return DEV_RECIPE
     if num_references >= 2:
         # The official personalization examples all run the full model with shift 1.
@@ -59,8 +72,24 @@ def recipe_for(variant: Variant, num_references: int) -> Recipe:
 
 
 def detect_variant(checkpoint: Path) -> Variant:
-    """Guess the variant from the directory name, as published (`HiDream-O1-Image-Dev`)."""
-    return "dev" if checkpoint.resolve().name.lower().endswith("-dev") else "full"
+    """Guess the variant from the directory name, as published (`HiDream-O1-Image-Dev`).
+
+    A Hugging Face cache snapshot (`models--HiDream-ai--HiDream-O1-Image-Dev/snapshots/<hash>`) is named by
+    its repository's directory.
+    """
+    path = checkpoint.resolve()
+    name = path.parent.parent.name if path.parent.name == "snapshots" else path.name
+    return "dev" if name.lower().endswith("-dev") else "full"
+
+
+def choose_variant(checkpoint: Path, override: Variant | None = None) -> Variant:
+    """`override` (--variant) when given, else the detected variant; says which at INFO."""
+    if override is not None:
+        log.info("variant %s (from --variant)", override)
+        return override
+    variant = detect_variant(checkpoint)
+    log.info("variant %s (from the directory name %s; --variant overrides)", variant, checkpoint.resolve().name)
+    return variant
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,8 @@ def load_spec(checkpoint: Path) -> ModelSpec:
     if not isinstance(raw, dict) or raw.get("model_type") != "qwen3_vl":
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: model_type: must be 'qwen3_vl' (got {got!r}); not a HiDream-O1 checkpoint")
+    from transformers import Qwen3VLConfig
+
     try:
         config = Qwen3VLConfig.from_dict(raw)
     except (TypeError, ValueError, KeyError) as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hidream.engine import images as img
 from hidream.engine.checkpoint import load_model
-from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, detect_variant, load_spec, recipe_for
+from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, choose_variant, load_spec, recipe_for
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.model import HiDreamO1, VisualInjection
 from hidream.engine.sampling import Conditioning, Denoiser, Mode, denoise
@@ -39,6 +39,7 @@ from hidream.rules import (
     guidance_ok,
     images_ok,
     seed_ok,
+    sampling_problem,
     steps_ok,
 )
 
@@ -64,6 +65,14 @@ class GenerationRequest:
     num_images: int = 1
     scheduler: SchedulerName | None = None
 
+    # An explicit schedule: one model timestep per step (sigma t/1000, then 0), for every scheduler;
+    # `steps` must then be None or its length, and `shift` None (it has no effect).
+    timesteps: Sequence[int] | None = None
+    # None: the chosen scheduler's (flash 7.5, 7.5, 2.5; unipc and euler 8.0 and no re-noise). noise_scale
+    # scales the initial noise; noise_scale_end and noise_clip_std shape flash's re-noise only.
+    noise_scale: float | None = None
+    noise_scale_end: float | None = None
+    noise_clip_std: float | None = None
 
 @dataclass
 class GenerationResult:
@@ -77,6 +86,12 @@ class GenerationResult:
     seconds: float
     step_seconds: list[float] = field(default_factory=list)
 
+    # What else the request sampled with (its resolved recipe).
+    shift: float | None = None
+    timesteps: tuple[int, ...] | None = None  # the explicit or Dev's fixed list; None: the scheduler's own
+    noise_scale: float | None = None
+    noise_scale_end: float | None = None
+    noise_clip_std: float | None = None
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -142,7 +157,7 @@ class Engine:
         tokenizer, processor = _load_processors(path)
         encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
         model = load_model(path, device, dtype, spec)
-        return cls(model, encoder, variant or detect_variant(path), path)
+        return cls(model, encoder, choose_variant(path, variant), path)
 
     # --- the request ----------------------------------------------------------------------------
 
@@ -167,12 +182,19 @@ class Engine:
             raise InvalidRequestError("seed", f"must be an integer from 0 to {MAX_SEED} (got {req.seed!r})")
         if not images_ok(req.num_images):
             raise InvalidRequestError("num_images", f"{IMAGES_RULE} (got {req.num_images!r})")
-        if req.scheduler not in (None, "unipc", "flash", "euler"):
-            raise InvalidRequestError("scheduler", f"must be unipc, flash or euler (got {req.scheduler!r})")
+        self._validate_sampling(req)
+
+    def _validate_sampling(self, req: GenerationRequest) -> None:
+        problem = sampling_problem(
+            self.recipe(len(req.references)).scheduler, scheduler=req.scheduler, steps=req.steps, shift=req.shift,
+            timesteps=req.timesteps, noise_scale=req.noise_scale, noise_scale_end=req.noise_scale_end,
+            noise_clip_std=req.noise_clip_std)
+        if problem is not None:
+            raise InvalidRequestError(*problem)
 
     def _schedule(self, recipe: Recipe, steps: int, shift: float, scheduler: SchedulerName) -> Schedule:
-        if recipe.fixed_timesteps and steps == len(DEV_TIMESTEPS):
-            return fixed_schedule(DEV_TIMESTEPS)
+        if recipe.timesteps is not None:  # the official timesteps_list: the same override for every scheduler
+            return fixed_schedule(recipe.timesteps)
         return unipc_schedule(steps, shift) if scheduler == "unipc" else linear_schedule(steps, shift)
 
     def _sampler(self, recipe: Recipe, schedule: Schedule, scheduler: SchedulerName, seed: int) -> Sampler:
@@ -192,6 +214,29 @@ class Engine:
         if vision is not None:
             with torch.inference_mode():
                 feats, deep = model.encode_images(vision.pixel_values.to(self.device), vision.grid_thw.to(self.device))
+    def resolve(self, req: GenerationRequest) -> Recipe:
+        """The recipe `req` samples with: its mode's official one, the request's choices on top, and the
+        noise settings of the scheduler chosen (explicitly or by the recipe), unless the request sets them."""
+        recipe = self.recipe(len(req.references))
+        recipe = recipe.with_scheduler(req.scheduler or recipe.scheduler)
+        if req.timesteps is not None:
+            timesteps: tuple[int, ...] | None = tuple(req.timesteps)
+            steps = len(timesteps)
+        else:
+            steps = req.steps or recipe.steps
+            timesteps = DEV_TIMESTEPS if recipe.fixed_timesteps and steps == len(DEV_TIMESTEPS) else None
+
+        def given(value: float | None, default: float) -> float:
+            return default if value is None else float(value)
+
+        return replace(
+            recipe, steps=steps, timesteps=timesteps,
+            guidance=given(req.guidance, recipe.guidance), shift=given(req.shift, recipe.shift),
+            noise_scale=given(req.noise_scale, recipe.noise_scale),
+            noise_scale_end=given(req.noise_scale_end, recipe.noise_scale_end),
+            noise_clip_std=given(req.noise_clip_std, recipe.noise_clip_std),
+        )
+
         ref_sizes = [(r.height, r.width) for r in refs]
         branches, embeds, visual = [], [], []
         for prompt in prompts:
@@ -219,17 +264,16 @@ class Engine:
         self.validate(req)
         started = time.perf_counter()
         sources = [img.load_image(r, f"references[{i}]") for i, r in enumerate(req.references)]
-        recipe = self.recipe(len(sources))
+        recipe = self.resolve(req)
         width, height, refs, refs_vit = img.prepare_references(
             sources, req.width, req.height, req.keep_original_aspect, field="references")
-        steps = req.steps or recipe.steps
-        guidance = recipe.guidance if req.guidance is None else req.guidance
-        shift = recipe.shift if req.shift is None else req.shift
-        scheduler = req.scheduler or recipe.scheduler
+        steps, guidance, shift, scheduler = recipe.steps, recipe.guidance, recipe.shift, recipe.scheduler
         prompts = [req.prompt] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
         cond = self._conditioning(prompts, width, height, refs, refs_vit)
         denoiser = Denoiser(self.model, cond, mode=mode, batch=batch_guidance)
-        result = GenerationResult([], width, height, [], steps, guidance, scheduler, 0.0)
+        result = GenerationResult([], width, height, [], steps, guidance, scheduler, 0.0, shift=shift,
+                                  timesteps=recipe.timesteps, noise_scale=recipe.noise_scale,
+                                  noise_scale_end=recipe.noise_scale_end, noise_clip_std=recipe.noise_clip_std)
         for k in range(req.num_images):
             seed = req.seed + k
             schedule = self._schedule(recipe, steps, shift, scheduler)
