@@ -44,7 +44,7 @@ def test_cached_text_equals_full_recompute(engine, n_refs):
 @pytest.mark.parametrize("n_refs", [0, 2])
 def test_batched_guidance_equals_sequential(engine, n_refs):
     cond = conditioning(engine, n_refs)
-    # the two branches have different text lengths, so the batch needs padding and a mask
+    # the two branches have different text lengths: their GEMMs batch, their attention stays per branch
     assert cond.branches[0].input_ids.shape[1] != cond.branches[1].input_ids.shape[1]
     z, t = noisy(cond, 1), torch.tensor(0.61)
     batched = Denoiser(engine.model, cond, mode="cached", batch=True)

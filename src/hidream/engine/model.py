@@ -13,6 +13,7 @@ One `DecoderLayer.forward` serves every path; the paths differ only in how atten
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,8 +268,8 @@ class HiDreamO1(nn.Module):
     def encode_images(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:
         """ViT features of the conditioning images: ([n_tokens, hidden], DeepStack [n_tokens, hidden] per layer)."""
         visual = self.model.visual
-        device = pixel_values.device.type
-        with torch.autocast(device, self.vision_autocast or torch.bfloat16, enabled=self.vision_autocast is not None):
+        on = self.vision_autocast
+        with torch.autocast(pixel_values.device.type, on) if on is not None else contextlib.nullcontext():
             out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, return_dict=True)
         return out.pooler_output, list(out.deepstack_features)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -38,8 +39,8 @@ from hidream.rules import (
     STEPS_RULE,
     guidance_ok,
     images_ok,
-    seed_ok,
     sampling_problem,
+    seed_ok,
     steps_ok,
 )
 
@@ -64,7 +65,6 @@ class GenerationRequest:
     seed: int = 0
     num_images: int = 1
     scheduler: SchedulerName | None = None
-
     # An explicit schedule: one model timestep per step (sigma t/1000, then 0), for every scheduler;
     # `steps` must then be None or its length, and `shift` None (it has no effect).
     timesteps: Sequence[int] | None = None
@@ -73,6 +73,7 @@ class GenerationRequest:
     noise_scale: float | None = None
     noise_scale_end: float | None = None
     noise_clip_std: float | None = None
+
 
 @dataclass
 class GenerationResult:
@@ -85,13 +86,13 @@ class GenerationResult:
     scheduler: SchedulerName
     seconds: float
     step_seconds: list[float] = field(default_factory=list)
-
     # What else the request sampled with (its resolved recipe).
     shift: float | None = None
     timesteps: tuple[int, ...] | None = None  # the explicit or Dev's fixed list; None: the scheduler's own
     noise_scale: float | None = None
     noise_scale_end: float | None = None
     noise_clip_std: float | None = None
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -116,6 +117,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# bf16: every weight and activation in bf16 (the default on CUDA).
+# bf16-fp32acc: the official "fp32" mode without its float32 weights: bf16 GEMMs and attention on a
+#   float32 residual stream, float32 norms, RoPE, embeddings and latent; the ViT under bf16 autocast.
+# fp32: float32 throughout (the default on the CPU; exact parity).
+Precision = Literal["bf16", "bf16-fp32acc", "fp32"]
+PRECISIONS: tuple[Precision, ...] = ("bf16", "bf16-fp32acc", "fp32")
+FP16_REFUSED = "fp16 is not supported: Qwen3 activations overflow float16; use bf16"
+
+
+def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: torch.device) -> Precision:
+    """The precision mode asked for (by name, or by a plain dtype), else bf16 on CUDA and fp32 on the CPU."""
+    if dtype == torch.float16 or precision in ("fp16", "float16"):
+        raise InvalidRequestError("precision", FP16_REFUSED)
+    if precision is None:
+        if dtype is None:
+            dtype = default_dtype(device)
+        named = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+        if dtype not in named:
+            raise InvalidRequestError("precision", f"must be one of {', '.join(PRECISIONS)} (got dtype {dtype})")
+        return named[dtype]  # type: ignore[return-value]
+    if precision not in PRECISIONS:
+        raise InvalidRequestError("precision", f"must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    return precision  # type: ignore[return-value]
+
+
 def _load_processors(checkpoint: Path):
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -136,33 +162,73 @@ def _load_processors(checkpoint: Path):
 class Engine:
     """A loaded checkpoint, warm for any number of requests."""
 
-    def __init__(self, model: HiDreamO1, encoder: PromptEncoder, variant: Variant, checkpoint: Path) -> None:
+    def __init__(self, model: HiDreamO1, encoder: PromptEncoder, variant: Variant, checkpoint: Path,
+                 precision: Precision | None = None, compile: bool = False, fuse: bool = True) -> None:
+        """`model` is used as given, then (once) its projections fused and, with `compile`, its layer compiled."""
         self.model = model
         self.encoder = encoder
         self.variant = variant
         self.checkpoint = checkpoint
         weight = model.model.language_model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = weight.device, weight.dtype  # dtype: the residual stream's and the latent's
+        self.precision = precision or ("fp32" if self.dtype == torch.float32 else "bf16")
+        if fuse and model.layers[0].self_attn.qkv_proj is None:
+            model.fuse_projections()
+        self.compiled = compile
+        if compile:
+            model.compile_layers()
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None, variant: Variant | None = None) -> Engine:
-        """Load a checkpoint directory in the official layout (CUDA and bf16 when available)."""
+             dtype: torch.dtype | None = None, variant: Variant | None = None, *,
+             precision: Precision | None = None, compile: bool = False, fuse: bool = True) -> Engine:
+        """Load a checkpoint directory in the official layout (CUDA and bf16 when available).
+
+        precision: bf16 | bf16-fp32acc | fp32 (see PRECISIONS); `dtype` is the older spelling of
+        bf16/fp32. fp16 is refused. compile: regional torch.compile of the decoder layer for the steps.
+        fuse=False keeps q/k/v and gate/up as separate GEMMs (for comparisons).
+        """
         path = Path(checkpoint).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint directory")
         device = resolve_device(device)
-        dtype = dtype or default_dtype(device)
+        precision = resolve_precision(precision, dtype, device)
         spec = load_spec(path)
         tokenizer, processor = _load_processors(path)
         encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
-        model = load_model(path, device, dtype, spec)
-        return cls(model, encoder, choose_variant(path, variant), path)
+        if precision == "bf16-fp32acc":
+            model = load_model(path, device, torch.float32, spec, gemm_dtype=torch.bfloat16)
+        else:
+            model = load_model(path, device, torch.bfloat16 if precision == "bf16" else torch.float32, spec)
+        return cls(model, encoder, choose_variant(path, variant), path, precision, compile, fuse)
 
     # --- the request ----------------------------------------------------------------------------
 
     def recipe(self, num_references: int) -> Recipe:
         return recipe_for(self.variant, num_references)
+
+    def resolve(self, req: GenerationRequest) -> Recipe:
+        """The recipe `req` samples with: its mode's official one, the request's choices on top, and the
+        noise settings of the scheduler chosen (explicitly or by the recipe), unless the request sets them."""
+        recipe = self.recipe(len(req.references))
+        recipe = recipe.with_scheduler(req.scheduler or recipe.scheduler)
+        if req.timesteps is not None:
+            timesteps: tuple[int, ...] | None = tuple(req.timesteps)
+            steps = len(timesteps)
+        else:
+            steps = req.steps or recipe.steps
+            timesteps = DEV_TIMESTEPS if recipe.fixed_timesteps and steps == len(DEV_TIMESTEPS) else None
+
+        def given(value: float | None, default: float) -> float:
+            return default if value is None else float(value)
+
+        return replace(
+            recipe, steps=steps, timesteps=timesteps,
+            guidance=given(req.guidance, recipe.guidance), shift=given(req.shift, recipe.shift),
+            noise_scale=given(req.noise_scale, recipe.noise_scale),
+            noise_scale_end=given(req.noise_scale_end, recipe.noise_scale_end),
+            noise_clip_std=given(req.noise_clip_std, recipe.noise_clip_std),
+        )
 
     def validate(self, req: GenerationRequest) -> None:
         """Raise InvalidRequestError naming the first field that breaks a rule."""
@@ -214,29 +280,6 @@ class Engine:
         if vision is not None:
             with torch.inference_mode():
                 feats, deep = model.encode_images(vision.pixel_values.to(self.device), vision.grid_thw.to(self.device))
-    def resolve(self, req: GenerationRequest) -> Recipe:
-        """The recipe `req` samples with: its mode's official one, the request's choices on top, and the
-        noise settings of the scheduler chosen (explicitly or by the recipe), unless the request sets them."""
-        recipe = self.recipe(len(req.references))
-        recipe = recipe.with_scheduler(req.scheduler or recipe.scheduler)
-        if req.timesteps is not None:
-            timesteps: tuple[int, ...] | None = tuple(req.timesteps)
-            steps = len(timesteps)
-        else:
-            steps = req.steps or recipe.steps
-            timesteps = DEV_TIMESTEPS if recipe.fixed_timesteps and steps == len(DEV_TIMESTEPS) else None
-
-        def given(value: float | None, default: float) -> float:
-            return default if value is None else float(value)
-
-        return replace(
-            recipe, steps=steps, timesteps=timesteps,
-            guidance=given(req.guidance, recipe.guidance), shift=given(req.shift, recipe.shift),
-            noise_scale=given(req.noise_scale, recipe.noise_scale),
-            noise_scale_end=given(req.noise_scale_end, recipe.noise_scale_end),
-            noise_clip_std=given(req.noise_clip_std, recipe.noise_clip_std),
-        )
-
         ref_sizes = [(r.height, r.width) for r in refs]
         branches, embeds, visual = [], [], []
         for prompt in prompts:
@@ -254,12 +297,14 @@ class Engine:
     @torch.inference_mode()
     def generate(self, req: GenerationRequest, progress: ProgressFn | None = None,
                  should_cancel: Callable[[], bool] | None = None, mode: Mode = "cached",
-                 batch_guidance: bool = True) -> GenerationResult:
+                 batch_guidance: bool = True, timings: bool = False) -> GenerationResult:
         """Generate `req.num_images` images (image i uses seed + i).
 
         progress(step, total, preview) is called after every step (step counts over all images);
-        preview() decodes the current x0 estimate of the conditional branch to an image.
-        should_cancel() is asked before every step; True stops with GenerationCanceled.
+        preview(max_side=256) gives the current x0 estimate of the conditional branch as an image,
+        downsampled on the device first. should_cancel() is asked before every step; True stops
+        with GenerationCanceled. timings: fill `step_seconds`, waiting for the device after every
+        step (otherwise nothing in the loop waits for it).
         """
         self.validate(req)
         started = time.perf_counter()
@@ -282,15 +327,18 @@ class Engine:
             tick = [time.perf_counter()]
 
             def on_step(i: int, n: int, preview: Callable[[], Tensor], k: int = k) -> None:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # honest step times (kernels run asynchronously)
-                now = time.perf_counter()
-                result.step_seconds.append(now - tick[0])
-                tick[0] = now
+                if timings:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)  # honest step times (kernels run asynchronously)
+                    now = time.perf_counter()
+                    result.step_seconds.append(now - tick[0])
+                    tick[0] = now
                 if progress is not None:
-                    progress(k * n + i, req.num_images * n, lambda: self.to_image(preview(), width, height))
+                    progress(k * n + i, req.num_images * n,
+                             lambda max_side=256: self.preview(preview(), width, height, max_side))
 
-            z = denoise(denoiser, z, schedule, sampler, guidance, on_step, should_cancel)
+            z = denoise(denoiser, z, schedule, sampler, guidance,
+                        on_step if timings or progress is not None else None, should_cancel)
             result.images.append(self.to_image(z, width, height))
             result.seeds.append(seed)
         result.seconds = time.perf_counter() - started
@@ -309,3 +357,13 @@ class Engine:
     @staticmethod
     def to_image(z: Tensor, width: int, height: int) -> Image.Image:
         return img.to_pil(img.unpatchify(z, height, width)[0])
+
+    @staticmethod
+    def preview(z: Tensor, width: int, height: int, max_side: int = 256) -> Image.Image:
+        """A small picture of patches z: area-downsampled on their device, then copied (a few hundred KB)."""
+        x = img.unpatchify(z, height, width).float()  # [1, 3, H, W]
+        scale = min(1.0, max_side / max(width, height))
+        if scale < 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = torch.nn.functional.interpolate(x, size=size, mode="area")
+        return img.to_pil(x[0])

@@ -218,9 +218,9 @@ class UniPCMultistep(_Stepper):
         b1 = h_phi_k * 1 / b_h
         h_phi_k = h_phi_k / hh - 1 / 2
         b2 = h_phi_k * 2 / b_h
-        rks = torch.tensor([rk, 1.0])
+        rks = torch.stack([rk, torch.ones((), dtype=torch.float32)])  # stacked, not read back into Python
         r = torch.stack([torch.pow(rks, 0), torch.pow(rks, 1)])
-        return torch.linalg.solve(r, torch.tensor([b1, b2]))
+        return torch.linalg.solve(r, torch.stack([b1, b2]))
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         i = self._advance()
