@@ -1,0 +1,552 @@
+"""Side by side with the official HiDream-O1-Image code: the same checkpoint, cases, seed and threads.
+
+    .venv/bin/python benchmarks/official.py --official-src DIR --official-python PY [--threads 1] [--steps 3]
+
+DIR is a checkout of github.com/HiDream-ai/HiDream-O1-Image that the user provides (never vendored here),
+PY a Python whose environment runs it (torch, torchvision, transformers 4.57.1, diffusers, einops). The two
+programs need different environments, so each side is a long-lived worker process of this same script,
+which loads its model once per checkpoint; this process sends them the cases one at a time, alternating,
+and never two at once. It prints, per case, the official/ours ratio of seconds per image (CPU time and
+wall time of the worker process) and of peak memory (the worker's peak resident set, reset before each
+case), and the largest difference between the two uint8 images.
+
+The official code is made to run on the CPU at run time, inside its worker, as docs/parity.md describes:
+its flash-attention function becomes SDPA doing the same two passes; its hard-coded timestep-token id
+becomes the checkpoint tokenizer's; and for float32 its hard-coded bf16 (casts and autocast) becomes the
+run's dtype. No file of the checkout is changed.
+
+The checkpoints: `demo` (what `hidream demo-model` writes) and `scaled`, the demo layout with a
+wider decoder (hidden 512, 8 layers, 8 attention heads, 4 key/value heads, head_dim 64), random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+PROMPT = ("medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
+          "with a calm and composed expression. She wears a cream-colored satin robe with delicate floral "
+          "embroidery. To her left, a wooden nightstand holds three lit white candles.")
+SEED = 42
+GUIDANCE = 5.0
+
+# Every target is a native size of the official code (its PREDEFINED_RESOLUTIONS, about 2048² in area),
+# so its resolution snapping leaves it alone. refs: the source images' (width, height), written once.
+CASES: dict[str, dict] = {
+    "t2i": {"width": 2048, "height": 2048, "refs": [], "keep_original_aspect": False, "shift": 3.0,
+            "label": "text-to-image 2048x2048"},
+    "refs3": {"width": 2048, "height": 2048, "refs": [(1024, 768), (768, 1024), (1024, 1024)],
+              "keep_original_aspect": False, "shift": 1.0, "label": "3 references, 2048x2048"},
+    "edit_keep": {"width": 2048, "height": 2048, "refs": [(1344, 1728)], "keep_original_aspect": True,
+                  "shift": 3.0, "label": "edit, keep_original_aspect (1792x2304)"},
+}
+WARMUP = {"width": 2048, "height": 2048, "refs": [], "keep_original_aspect": False, "shift": 3.0,
+          "steps": 1, "guidance": 1.0}
+
+# The scaled checkpoint's decoder. intermediate_size is 3x hidden, as in the published model.
+SCALED_TEXT = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
+               "head_dim": 64, "intermediate_size": 1536,
+               "rope_scaling": {"mrope_interleaved": True, "mrope_section": [12, 10, 10], "rope_type": "default"}}
+PATCH_DIM = 3 * 32 * 32
+TIMESTEP_FREQ_DIM = 256
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def scaled_config(token_ids: dict[str, int], vocab_size: int, text: dict | None = None) -> dict:
+    """config.json of the scaled checkpoint: the demo one with the decoder of `text` (SCALED_TEXT)."""
+    from hidream.engine.demo import demo_config
+
+    text = dict(SCALED_TEXT if text is None else text)
+    raw = demo_config(token_ids, vocab_size, layers=text["num_hidden_layers"], hidden=text["hidden_size"])
+    raw["text_config"].update(text)
+    raw["vision_config"]["out_hidden_size"] = text["hidden_size"]
+    return raw
+
+
+def official_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the official layout for a config.json: Qwen3-VL's own modules (their names and shapes
+    from transformers, on the meta device) under `model.`, plus HiDream-O1's patch, timestep and output heads."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    with torch.device("meta"):
+        base = Qwen3VLModel(Qwen3VLConfig.from_dict(raw))
+    shapes = {f"model.{k}": tuple(v.shape) for k, v in base.state_dict().items()}
+    hidden, vocab = raw["text_config"]["hidden_size"], raw["text_config"]["vocab_size"]
+    shapes.update({
+        "model.t_embedder1.mlp.0.weight": (hidden, TIMESTEP_FREQ_DIM), "model.t_embedder1.mlp.0.bias": (hidden,),
+        "model.t_embedder1.mlp.2.weight": (hidden, hidden), "model.t_embedder1.mlp.2.bias": (hidden,),
+        "model.x_embedder.proj1.weight": (hidden // 4, PATCH_DIM),
+        "model.x_embedder.proj2.weight": (hidden, hidden // 4), "model.x_embedder.proj2.bias": (hidden,),
+        "model.final_layer2.linear.weight": (PATCH_DIM, hidden), "model.final_layer2.linear.bias": (PATCH_DIM,),
+        "lm_head.weight": (vocab, hidden),
+    })
+    return shapes
+
+
+def write_scaled_checkpoint(directory: str | Path, seed: int = 0, text: dict | None = None) -> Path:
+    """Write the scaled checkpoint (official layout, random bf16 weights) into `directory` and return it.
+
+    Norm weights are 1 and biases 0; every other tensor is normal with std 1/sqrt(fan_in), except the
+    output head (std 0.02, as in the demo checkpoint, so the random x0 stays near the pixel range).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from hidream.engine.demo import VISION
+    from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    token_ids = write_demo_tokenizer(out)
+    vocab_size = -(-(max(token_ids.values()) + 1) // 64) * 64
+    raw = scaled_config(token_ids, vocab_size, text)
+    write_demo_processor_config(out, patch_size=VISION["patch_size"], merge_size=VISION["spatial_merge_size"],
+                                temporal_patch_size=VISION["temporal_patch_size"])
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(official_shapes(raw).items()):
+        if name.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
+            t = torch.ones(shape)
+        else:
+            fan_in = 1
+            for d in shape[1:]:
+                fan_in *= d
+            std = 0.02 if name == "model.final_layer2.linear.weight" else fan_in ** -0.5
+            t = torch.randn(shape, generator=gen) * std
+        tensors[name] = t.to(torch.bfloat16).contiguous()
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def write_checkpoint(kind: str, directory: Path) -> Path:
+    if kind == "demo":
+        from hidream.engine.demo import write_demo_checkpoint
+
+        return write_demo_checkpoint(directory, seed=0)
+    return write_scaled_checkpoint(directory, seed=0)
+
+
+def write_references(directory: Path) -> dict[tuple[int, int], Path]:
+    """One PNG per source size the cases use: smooth colour ramps with noise, the same bytes every run."""
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = {}
+    for i, (w, h) in enumerate(sorted({s for case in CASES.values() for s in case["refs"]})):
+        y, x = np.mgrid[0:h, 0:w]
+        ramp = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h) + 64 * i], axis=-1)
+        pixels = np.clip(ramp + rng.normal(0, 24, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = directory / f"ref-{w}x{h}.png"
+        Image.fromarray(pixels).save(path)
+        paths[(w, h)] = path
+    return paths
+
+
+# --- workers: one process per side and checkpoint, a JSON line in and out per case ----------------
+
+
+def _peak_reset() -> None:
+    try:  # resets the process's peak resident set (VmHWM) to its current one, on Linux
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _measure(run) -> tuple[object, dict]:
+    import gc
+
+    gc.collect()
+    _peak_reset()
+    rss_before = _status_kib("VmRSS")
+    cpu, wall = time.process_time(), time.perf_counter()
+    image = run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return image, {"cpu_s": cpu, "wall_s": wall, "peak_bytes": _status_kib("VmHWM") * 1024,
+                   "rss_before_bytes": rss_before * 1024}
+
+
+class _OursSide:
+    """Our engine, through its public API only."""
+
+    def __init__(self, checkpoint: Path, dtype) -> None:
+        from hidream.engine.pipeline import Engine
+
+        self.engine = Engine.load(checkpoint, device="cpu", dtype=dtype)
+
+    def generate(self, case: dict):
+        from hidream.engine.pipeline import GenerationRequest
+
+        req = GenerationRequest(case["prompt"], width=case["width"], height=case["height"],
+                                references=list(case["ref_paths"]),
+                                keep_original_aspect=case["keep_original_aspect"], steps=case["steps"],
+                                guidance=case["guidance"], shift=case["shift"], seed=case["seed"],
+                                scheduler="unipc")
+        return self.engine.generate(req, mode="cached").images[0]
+
+    @staticmethod
+    def versions() -> dict:
+        import torch
+        import transformers
+
+        import hidream
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__,
+                "hidream": str(Path(hidream.__file__).parent)}
+
+
+class _DtypeTorch:
+    """The `torch` module as the official pipeline sees it: its hard-coded bf16 is the run's dtype, and
+    autocast (bf16 on CUDA in the official code) does nothing in a float32 run."""
+
+    def __init__(self, torch, dtype) -> None:
+        self._torch, self.bfloat16 = torch, dtype
+        if dtype == torch.float32:
+            import contextlib
+
+            self.autocast = lambda *args, **kwargs: contextlib.nullcontext()
+
+    def __getattr__(self, name: str):
+        return getattr(self._torch, name)
+
+
+def _sdpa_as_flash(q, k, v, softmax_scale=None, causal=False):
+    """flash_attn_func's contract on SDPA: [B, S, H, D] in and out, grouped key/value heads, no mask."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, scale=softmax_scale, enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
+
+
+class _OfficialSide:
+    """The official pipeline from a checkout, patched at run time for the CPU (see the module docstring)."""
+
+    def __init__(self, checkpoint: Path, dtype, source: Path) -> None:
+        import torch
+
+        sys.path.insert(0, str(source))
+        import inference
+        import models.pipeline as pipeline
+        import models.qwen3_vl_transformers as qwen
+        from transformers import AutoProcessor
+
+        qwen._flash_attn_func = _sdpa_as_flash
+        qwen.torch = _DtypeTorch(torch, dtype)  # the q/k/v casts before its flash calls
+        pipeline.torch = _DtypeTorch(torch, dtype)  # its dtype, noise, reference patches and autocast
+        self.generate_image = pipeline.generate_image
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        tokenizer = inference.get_tokenizer(self.processor)
+        inference.add_special_tokens(tokenizer)
+        model, info = qwen.Qwen3VLForConditionalGeneration.from_pretrained(
+            str(checkpoint), dtype=dtype, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v}
+        if problems:
+            raise RuntimeError(f"the official model did not load {checkpoint} cleanly: {problems}")
+        model.model.tms_token_id = tokenizer.convert_tokens_to_ids("<|tms_token|>")  # 151673 in the code
+        self.model = model.eval()
+
+    def generate(self, case: dict):
+        return self.generate_image(
+            model=self.model, processor=self.processor, prompt=case["prompt"], ref_image_paths=list(case["ref_paths"]),
+            height=case["height"], width=case["width"], num_inference_steps=case["steps"],
+            guidance_scale=case["guidance"], shift=case["shift"], scheduler_name="default", seed=case["seed"],
+            keep_original_aspect=case["keep_original_aspect"])
+
+    @staticmethod
+    def versions() -> dict:
+        import diffusers
+        import torch
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__,
+                "diffusers": diffusers.__version__}
+
+
+def kernel_check() -> dict:
+    """CPU seconds of a matmul and an SDPA of the scaled decoder's width over 4096 tokens: the torch builds compared."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, 512, generator=gen), torch.randn(512, 1536, generator=gen)
+    q = torch.randn(1, 8, 4096, 64, generator=gen)
+    kv = torch.randn(1, 4, 4096, 64, generator=gen)
+    figures = {}
+    for name, op in (("matmul_s", lambda: a @ b),
+                     ("sdpa_s", lambda: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))):
+        op()
+        t = time.process_time()
+        for _ in range(3):
+            op()
+        figures[name] = (time.process_time() - t) / 3
+    return figures
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Serve cases on stdin, one JSON line each; answer on the original stdout, everything else to stderr."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # prints, progress bars and warnings of either program go to stderr
+    sys.stdout = sys.stderr
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
+    try:
+        if args.worker == "ours":
+            side = _OursSide(Path(args.checkpoint), dtype)
+        else:
+            side = _OfficialSide(Path(args.checkpoint), dtype, Path(args.official_src))
+        warm = dict(WARMUP, prompt=PROMPT, seed=SEED, ref_paths=[])
+        side.generate(warm)  # kernels, thread pool, allocator, lazy imports
+    except Exception:
+        replies.write(json.dumps({"error": traceback.format_exc()}) + "\n")
+        return 1
+    replies.write(json.dumps({"ready": True, "load_s": time.perf_counter() - started,
+                              "threads": torch.get_num_threads(), **side.versions(),
+                              "kernels": kernel_check()}) + "\n")
+    for line in sys.stdin:
+        case = json.loads(line)
+        if case.get("quit"):
+            break
+        try:
+            image, figures = _measure(lambda case=case: side.generate(case))
+            image.save(case["out"])
+            replies.write(json.dumps({**figures, "width": image.width, "height": image.height}) + "\n")
+        except Exception:
+            replies.write(json.dumps({"error": traceback.format_exc()}) + "\n")
+    return 0
+
+
+class Worker:
+    """A worker process of this script, driven one case at a time."""
+
+    def __init__(self, side: str, python: str, checkpoint: Path, args: argparse.Namespace, log,
+                 pythonpath: Path | None = None) -> None:
+        cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--checkpoint", str(checkpoint),
+               "--threads", str(args.threads), "--dtype", args.dtype]
+        if side == "official":
+            cmd += ["--official-src", str(args.official_src)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TQDM_DISABLE="1")
+        if pythonpath is not None:  # ahead of the editable install's .pth entry
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+        self.side = side
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, env=env)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} worker exited (code {self.proc.wait()}); see its log")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.side} worker failed:\n{reply['error']}")
+        return reply
+
+    def run(self, case: dict) -> dict:
+        self.proc.stdin.write(json.dumps(case) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def image_diff(a: Path, b: Path) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.int16)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.int16)
+    if x.shape != y.shape:
+        return {"max_abs_diff": None, "mean_abs_diff": None, "shapes": [list(x.shape), list(y.shape)]}
+    d = np.abs(x - y)
+    return {"max_abs_diff": int(d.max()), "mean_abs_diff": float(d.mean())}
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+
+def engine_source(rev: str | None, workdir: Path) -> tuple[Path | None, str]:
+    """Where our worker imports hidream from, and which engine that is: the working tree (None), or
+    `rev`'s src/ exported into workdir with `git archive`."""
+    try:
+        if rev is None:
+            head = _git("rev-parse", "--short", "HEAD").strip()
+            dirty = _git("status", "--porcelain", "--", "src/hidream").strip()
+            return None, f"{head}" + (" + uncommitted changes in src/hidream" if dirty else "")
+        commit = _git("rev-parse", "--short", f"{rev}^{{commit}}").strip()
+    except (OSError, subprocess.CalledProcessError) as err:
+        if rev is None:
+            return None, "unknown"
+        sys.exit(f"--ours-commit {rev}: not a commit of {ROOT} ({err})")
+    dest = workdir / f"engine-{commit}"
+    if not (dest / "src" / "hidream").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src", commit
+
+
+def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Namespace, workdir: Path,
+                   log, ours_path: Path | None) -> tuple[dict, list[dict]]:
+    sides = {}
+    try:
+        for side, python in (("official", args.official_python), ("ours", sys.executable)):
+            t = time.perf_counter()
+            sides[side] = Worker(side, python, checkpoint, args, log, ours_path if side == "ours" else None)
+            print(f"[{kind}] {side} worker ready in {time.perf_counter() - t:.1f} s "
+                  f"({', '.join(f'{k} {v}' for k, v in sides[side].info.items() if k not in ('ready', 'load_s', 'kernels'))}; "
+                  f"kernel check: {', '.join(f'{k} {v:.3f}' for k, v in sides[side].info['kernels'].items())})",
+                  file=sys.stderr, flush=True)
+        rows = []
+        for ci, name in enumerate(args.cases):
+            spec = CASES[name]
+            case = {"prompt": PROMPT, "seed": SEED, "guidance": GUIDANCE, "steps": args.steps,
+                    "width": spec["width"], "height": spec["height"], "shift": spec["shift"],
+                    "keep_original_aspect": spec["keep_original_aspect"],
+                    "ref_paths": [str(refs[s]) for s in spec["refs"]]}
+            runs: dict[str, list[dict]] = {"official": [], "ours": []}
+            for r in range(args.repeats):
+                order = ("official", "ours") if (ci + r) % 2 == 0 else ("ours", "official")
+                for side in order:
+                    out = workdir / f"{kind}-{name}-{side}-{r}.png"
+                    runs[side].append(sides[side].run({**case, "out": str(out)}) | {"image": str(out)})
+                    got = runs[side][-1]
+                    print(f"[{kind}] {name} {side} run {r + 1}: {got['cpu_s']:.2f} s CPU, {got['wall_s']:.2f} s "
+                          f"wall, peak {got['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            off, our = runs["official"], runs["ours"]
+            row = {"checkpoint": kind, "case": name, "label": spec["label"], "steps": args.steps,
+                   "size": f"{our[0]['width']}x{our[0]['height']}",
+                   "official": {k: _median([x[k] for x in off]) for k in ("cpu_s", "wall_s", "peak_bytes")},
+                   "ours": {k: _median([x[k] for x in our]) for k in ("cpu_s", "wall_s", "peak_bytes")},
+                   "runs": runs, **image_diff(Path(off[0]["image"]), Path(our[0]["image"]))}
+            o, u = row["official"], row["ours"]
+            row["ratio_cpu"] = o["cpu_s"] / u["cpu_s"]
+            row["ratio_wall"] = o["wall_s"] / u["wall_s"]
+            row["ratio_peak"] = o["peak_bytes"] / u["peak_bytes"]
+            rows.append(row)
+        return {side: w.info for side, w in sides.items()}, rows
+    finally:
+        for w in sides.values():
+            w.close()
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| checkpoint | case | official s/image CPU (wall) | ours s/image CPU (wall) | official/ours CPU | "
+          "wall | official peak GiB | ours peak GiB | official/ours peak | images: max / mean abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o, u = r["official"], r["ours"]
+        diff = "shapes differ" if r["max_abs_diff"] is None else f"{r['max_abs_diff']} / {r['mean_abs_diff']:.4f}"
+        print(f"| {r['checkpoint']} | {r['label']}, {r['steps']} steps | {o['cpu_s']:.2f} ({o['wall_s']:.2f}) | "
+              f"{u['cpu_s']:.2f} ({u['wall_s']:.2f}) | {r['ratio_cpu']:.2f}x | {r['ratio_wall']:.2f}x | "
+              f"{o['peak_bytes'] / 2**30:.2f} | {u['peak_bytes'] / 2**30:.2f} | {r['ratio_peak']:.2f}x | {diff} |")
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    if not args.official_src or not (Path(args.official_src) / "models" / "pipeline.py").is_file():
+        sys.exit("--official-src: a checkout of HiDream-ai/HiDream-O1-Image is needed (models/pipeline.py)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hidream-official-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    refs = write_references(workdir / "refs")
+    ours_path, engine = engine_source(args.ours_commit, workdir)
+    log_path = workdir / "workers.log"
+    report = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype,
+              "steps": args.steps, "guidance": GUIDANCE, "repeats": args.repeats, "engine": engine,
+              "official_src": str(args.official_src), "workers": {}, "rows": []}
+    with log_path.open("a") as log:
+        for kind in args.checkpoints:
+            checkpoint = workdir / f"{kind}-checkpoint"
+            if not (checkpoint / "config.json").is_file():
+                write_checkpoint(kind, checkpoint)
+            info, rows = run_checkpoint(kind, checkpoint, refs, args, workdir, log, ours_path)
+            report["workers"][kind] = info
+            report["rows"] += rows
+    report["seconds"] = time.perf_counter() - started
+    print(f"engine {report['engine']}; {report['dtype']}, {args.threads} thread(s), {args.steps} steps, "
+          f"guidance {GUIDANCE:g}, seed {SEED}, median of {args.repeats} run(s) per side; "
+          f"{report['seconds']:.0f} s in all (images and worker logs in {workdir})")
+    print_table(report["rows"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official-src", help="a checkout of github.com/HiDream-ai/HiDream-O1-Image")
+    p.add_argument("--official-python", default=sys.executable,
+                   help="the Python of the official code's environment (default: this one)")
+    p.add_argument("--ours-commit", metavar="REV", help="run our engine as of this commit (its src/, exported "
+                   "with git archive) instead of the working tree's")
+    p.add_argument("--checkpoints", nargs="+", choices=("demo", "scaled"), default=["demo", "scaled"])
+    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
+    p.add_argument("--steps", type=int, default=3, help="UniPC steps per image (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per case and side; medians are reported")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--workdir", help="checkpoints, reference images, output images and worker logs "
+                                     "(default: a new temporary directory; checkpoints in it are reused)")
+    p.add_argument("--json", help="also write the full report here")
+    p.add_argument("--worker", choices=("ours", "official"), help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_worker(args) if args.worker else run_driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
