@@ -42,11 +42,11 @@ GUIDANCE = 5.0
 # so its resolution snapping leaves it alone. refs: the source images' (width, height), written once.
 CASES: dict[str, dict] = {
     "t2i": {"width": 2048, "height": 2048, "refs": [], "keep_original_aspect": False, "shift": 3.0,
-            "label": "text-to-image 2048x2048"},
+            "label": "text-to-image"},
     "refs3": {"width": 2048, "height": 2048, "refs": [(1024, 768), (768, 1024), (1024, 1024)],
-              "keep_original_aspect": False, "shift": 1.0, "label": "3 references, 2048x2048"},
+              "keep_original_aspect": False, "shift": 1.0, "label": "3 references"},
     "edit_keep": {"width": 2048, "height": 2048, "refs": [(1344, 1728)], "keep_original_aspect": True,
-                  "shift": 3.0, "label": "edit, keep_original_aspect (1792x2304)"},
+                  "shift": 3.0, "label": "edit, keep_original_aspect"},
 }
 WARMUP = {"width": 2048, "height": 2048, "refs": [], "keep_original_aspect": False, "shift": 3.0,
           "steps": 1, "guidance": 1.0}
@@ -466,6 +466,7 @@ def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Names
             off, our = runs["official"], runs["ours"]
             row = {"checkpoint": kind, "case": name, "label": spec["label"], "steps": args.steps,
                    "size": f"{our[0]['width']}x{our[0]['height']}",
+                   "official_size": f"{off[0]['width']}x{off[0]['height']}",
                    "official": {k: _median([x[k] for x in off]) for k in ("cpu_s", "wall_s", "peak_bytes")},
                    "ours": {k: _median([x[k] for x in our]) for k in ("cpu_s", "wall_s", "peak_bytes")},
                    "runs": runs, **image_diff(Path(off[0]["image"]), Path(our[0]["image"]))}
@@ -481,13 +482,14 @@ def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Names
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| checkpoint | case | official s/image CPU (wall) | ours s/image CPU (wall) | official/ours CPU | "
+    print("| checkpoint | case | size | official s/image CPU (wall) | ours s/image CPU (wall) | official/ours CPU | "
           "wall | official peak GiB | ours peak GiB | official/ours peak | images: max / mean abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, u = r["official"], r["ours"]
-        diff = "shapes differ" if r["max_abs_diff"] is None else f"{r['max_abs_diff']} / {r['mean_abs_diff']:.4f}"
-        print(f"| {r['checkpoint']} | {r['label']}, {r['steps']} steps | {o['cpu_s']:.2f} ({o['wall_s']:.2f}) | "
+        diff = "sizes differ" if r["max_abs_diff"] is None else f"{r['max_abs_diff']} / {r['mean_abs_diff']:.4f}"
+        size = r["size"] if r.get("official_size", r["size"]) == r["size"] else f"{r['official_size']} / {r['size']}"
+        print(f"| {r['checkpoint']} | {r['label']}, {r['steps']} steps | {size} | {o['cpu_s']:.2f} ({o['wall_s']:.2f}) | "
               f"{u['cpu_s']:.2f} ({u['wall_s']:.2f}) | {r['ratio_cpu']:.2f}x | {r['ratio_wall']:.2f}x | "
               f"{o['peak_bytes'] / 2**30:.2f} | {u['peak_bytes'] / 2**30:.2f} | {r['ratio_peak']:.2f}x | {diff} |")
 
