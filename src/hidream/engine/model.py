@@ -325,10 +325,18 @@ class HiDreamO1(nn.Module):
         return h
 
     def prefill(self, h: Tensor, cos: Tensor, sin: Tensor, visual: VisualInjection | None, buffer: KVBuffer) -> None:
-        """Run one branch's text tokens [1, T, hidden] causally, filling `buffer`'s text rows."""
-        for i, layer in enumerate(self.layers):
+        """Run one branch's text tokens [1, T, hidden] causally, filling `buffer`'s text rows.
+
+        Of the last layer only the keys and values are needed: nothing reads the text's outputs.
+        """
+        *layers, last = self.layers
+        for i, layer in enumerate(layers):
             h = layer(h, cos, sin, PrefillAttend(buffer.keys[i], buffer.values[i]))
             h = self._inject(h, i, visual)
+        _, k, v = last.self_attn.qkv(last.input_layernorm(h), cos, sin)
+        n, dtype = k.shape[1], buffer.keys[-1].dtype
+        buffer.keys[-1][:, :n].copy_(k.to(dtype))
+        buffer.values[-1][:, :n].copy_(v.to(dtype))
 
     def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer]) -> Tensor:
         """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself."""
