@@ -243,3 +243,168 @@ def test_subprocess_error_exits_2_without_traceback(tmp_path: Path, isolated_hom
     assert done.stderr.startswith("error: ") and str(missing) in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+# --- the recipe's flags, precision and compile ------------------------------------------------------------
+
+
+def test_generate_help_lists_the_recipe_flags_with_their_defaults(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag, default in (("--scheduler {unipc,flash,euler}", "default: the recipe's"),
+                          ("--timesteps T1,T2,...", "dev at 28 steps: its 28 fixed timesteps"),
+                          ("--noise-scale NOISE_SCALE", "default: 7.5 flash, 8 unipc and euler"),
+                          ("--noise-scale-end NOISE_SCALE_END", "default: 7.5"),
+                          ("--noise-clip-std NOISE_CLIP_STD", "default: 2.5"),
+                          ("--precision {bf16,bf16-fp32acc,fp32}", "default: bf16 on CUDA, fp32 on CPU"),
+                          ("--compile", "torch.compile"), ("--dtype {bf16,fp16,fp32}", "deprecated")):
+        block = re.search(rf"^  {re.escape(flag)}(?: [^\n]*)?(?:\n {{10,}}[^\n]*)*", text, re.M)
+        assert block and default in " ".join(block.group(0).split()), (flag, text)
+
+
+@pytest.fixture
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Engine.load's keyword arguments, each call; the real load runs without compile (slow on a CPU)."""
+    from hidream.engine.pipeline import Engine
+
+    calls: list[dict] = []
+    real = Engine.load.__func__
+
+    def load(cls, checkpoint, **kwargs):
+        calls.append(kwargs)
+        return real(cls, checkpoint, **{k: v for k, v in kwargs.items() if k != "compile"})
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    return calls
+
+
+def test_generate_with_explicit_timesteps_and_flash(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                    load_calls: list[dict]) -> None:
+    out = generate(capsys, demo_checkpoint, tmp_path / "a.png", "--size", "64x64", "-q", "--variant", "dev",
+                   "--timesteps", "999,857,515,110", "--noise-scale", "8", "--noise-scale-end", "4",
+                   "--noise-clip-std", "0", "--precision", "fp32", "--compile")
+    assert "4 steps, dev/flash" in out
+    assert load_calls == [{"device": None, "variant": "dev", "precision": "fp32", "compile": True}]
+
+
+def test_generate_dev_flash_edit(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    ref = write_png(tmp_path / "ref.png", (64, 64))
+    out = generate(capsys, demo_checkpoint, tmp_path / "e.png", "--size", "64x64", "-q", "--variant", "dev",
+                   "--ref", ref, "--scheduler", "flash", "--steps", "2", "--noise-clip-std", "2.5")
+    assert "2 steps, dev/flash" in out and "edit of 1 reference" in out
+
+
+def test_the_deprecated_dtype_maps_onto_precision(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                  load_calls: list[dict]) -> None:
+    code, _, err = run_cli(capsys, "generate", "a cat", "--model", demo_checkpoint, "-o", tmp_path / "o.png",
+                           *FAST, "--dtype", "fp32")
+    assert code == 0, err
+    assert "--dtype is deprecated: use --precision fp32" in err
+    assert load_calls[0]["precision"] == "fp32"
+
+
+FLAG_ERRORS = {
+    "timesteps-text": (["--timesteps", "999,85x"], "error: --timesteps: must be comma-separated integers such as "
+                                                   "999,857,515,110 (got '999,85x')"),
+    "timesteps-rising": (["--timesteps", "500,857"], "error: --timesteps: must be a list of 1 to 100 strictly "
+                                                     "decreasing integers from 1 to 1000"),
+    "timesteps-1001": (["--timesteps", "1001,500"], "error: --timesteps: must be a list"),
+    "timesteps-steps": (["--timesteps", "999,500", "--steps", "3"],
+                        "error: --steps: must equal the number of timesteps (2) or be left out (got 3)"),
+    "timesteps-shift": (["--timesteps", "999,500", "--shift", "2"], "error: --shift: has no effect with --timesteps"),
+    "scheduler": (["--scheduler", "ddim"], "error: --scheduler: must be one of unipc, flash, euler (got 'ddim')"),
+    "noise-scale": (["--noise-scale", "0"], "error: --noise-scale: must be a number above 0 and at most 100 (got 0.0)"),
+    "noise-clip-std": (["--noise-clip-std", "11", "--scheduler", "flash"], "error: --noise-clip-std: must be a number "
+                                                                          "from 0 to 10"),
+    "flash-only": (["--noise-clip-std", "2.5"], "error: --noise-clip-std: is used only by the flash scheduler (this "
+                                                "request samples with unipc)"),
+    "flash-only-euler": (["--noise-scale-end", "4", "--scheduler", "euler"], "error: --noise-scale-end: is used only "
+                                                                             "by the flash scheduler"),
+    "dtype-fp16": (["--dtype", "fp16"], "error: --dtype: fp16 is not supported: Qwen3 activations overflow float16; "
+                                        "use --precision bf16\n"),
+    "precision-fp16": (["--precision", "fp16"], "error: --precision: must be one of bf16, bf16-fp32acc, fp32"),
+    "dtype-and-precision": (["--dtype", "bf16", "--precision", "fp32"], "error: --dtype: deprecated, and at odds "
+                                                                        "with --precision fp32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAG_ERRORS))
+def test_recipe_and_precision_flag_errors(tmp_path: Path, demo_checkpoint: Path, capsys, case: str,
+                                          load_calls: list[dict]) -> None:
+    args, says = FLAG_ERRORS[case]
+    try:
+        code = main(["generate", "a cat", "--model", str(demo_checkpoint), "-o", str(tmp_path / "o.png"),
+                     "--size", "64x64", *args])
+    except SystemExit as exit_:  # argparse's own errors (a choice, a type) exit from the parser
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.startswith(says), err
+    assert len(err.splitlines()) <= 2 and "Traceback" not in err
+    assert load_calls == []  # refused before the model loads
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_dev_edit_refuses_flash_noise_before_loading(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                        load_calls: list[dict]) -> None:
+    ref = write_png(tmp_path / "ref.png", (64, 64))
+    code, _, err = run_cli(capsys, "generate", "x", "--model", demo_checkpoint, "--variant", "dev", "--ref", ref,
+                           "-o", tmp_path / "o.png", "--noise-clip-std", "2.5")
+    assert code == 2
+    assert err.startswith("error: --noise-clip-std: is used only by the flash scheduler (this request samples "
+                          "with euler)"), err
+    assert load_calls == []
+
+
+def test_fp16_is_refused_by_bench_and_the_service(tmp_path: Path, capsys, monkeypatch) -> None:
+    refused = "error: --dtype: fp16 is not supported: Qwen3 activations overflow float16; use --precision bf16\n"
+    code, _, err = run_cli(capsys, "bench", "--config", "demo", "--dtype", "fp16")
+    assert (code, err) == (2, refused)
+    monkeypatch.setenv("HIDREAM_DTYPE", "fp16")
+    code, _, err = run_cli(capsys, "worker", "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert code == 2
+    assert err.endswith(refused) and "Traceback" not in err
+
+
+def test_service_precision_and_compile_reach_the_engine(tmp_path: Path, load_calls: list[dict], capsys) -> None:
+    from hidream.service.runtime import engine_loader
+    from hidream.service.settings import load_settings
+
+    env = {"HIDREAM_HOME": str(tmp_path), "HIDREAM_PRECISION": "bf16-fp32acc", "HIDREAM_COMPILE": "true"}
+    engine = engine_loader(load_settings(env))()
+    assert load_calls[-1] == {"device": None, "variant": None, "precision": "bf16-fp32acc", "compile": True}
+    assert engine.precision == "bf16-fp32acc"
+    engine_loader(load_settings({"HIDREAM_HOME": str(tmp_path), "HIDREAM_DTYPE": "fp32"}))()
+    assert load_calls[-1] == {"device": None, "variant": None, "precision": "fp32"}
+    # the flags of serve and worker set the same settings
+    from hidream.cli import build_parser, service_settings
+
+    for command in ("serve", "worker"):
+        args = build_parser().parse_args([command, "--precision", "fp32", "--compile"])
+        settings = service_settings(args)
+        assert (settings.precision, settings.compile) == ("fp32", True)
+    args = build_parser().parse_args(["worker"])
+    assert service_settings(args).compile is False
+
+
+def test_bench_passes_precision_and_compile(tmp_path: Path, capsys, monkeypatch) -> None:
+    import hidream.bench as bench
+
+    seen = []
+    real = bench.random_engine
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "compile"})
+
+    monkeypatch.setattr(bench, "random_engine", spy)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--config", "demo", "--device", "cpu", "--size", "64x64", "--steps", "1",
+                 "--precision", "bf16-fp32acc", "--compile", "--json", str(out)]) == 0
+    assert seen == [{"precision": "bf16-fp32acc", "compile": True}]
+    import json
+
+    report = json.loads(out.read_text())
+    assert (report["precision"], report["dtype"]) == ("bf16-fp32acc", "float32")

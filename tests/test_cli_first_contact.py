@@ -357,7 +357,9 @@ def test_every_setting_flag_says_what_it_is_and_its_default(home: Path) -> None:
     for entry in entries:
         if entry.startswith("--no-worker"):
             continue
-        meaning = re.fullmatch(r"--\S+ \S+\s+(.+) \(default: .+; (or the value itself in )?env HIDREAM_\w+\)", entry)
+        # `--flag VALUE  meaning`, or a switch (`--compile  meaning`)
+        meaning = re.fullmatch(r"--[a-z0-9-]+(?: [A-Z0-9_]+)?\s+(.+) \(default: .+; (or the value itself in )?env "
+                               r"HIDREAM_\w+\)", entry)
         assert meaning and len(meaning.group(1)) > 10, entry
 
 

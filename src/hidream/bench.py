@@ -47,11 +47,15 @@ def _peak_bytes(device: torch.device) -> int:
     return 0
 
 
-def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir: Path):
-    """An Engine over random weights of a named configuration (no checkpoint on disk)."""
+def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir: Path, *,
+                  precision: str | None = None, compile: bool = False):
+    """An Engine over random weights of a named configuration (no checkpoint on disk).
+
+    precision bf16-fp32acc overrides `dtype`: float32 weights, bf16 GEMM weights (as Engine.load does it).
+    """
     from transformers import Qwen3VLConfig
 
-    from hidream.engine.checkpoint import _materialize_buffers
+    from hidream.engine.checkpoint import _materialize_buffers, gemm_weights
     from hidream.engine.config import spec_from_config
     from hidream.engine.demo import demo_config, full_config
     from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
@@ -65,7 +69,15 @@ def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir
     spec = spec_from_config(Qwen3VLConfig.from_dict(raw))
     with torch.device("meta"):
         model = HiDreamO1(spec)
-    model = model.to(dtype).to_empty(device=device)  # cast on meta first: no fp32 copy on the device
+    fp32acc = precision == "bf16-fp32acc"
+    if fp32acc:
+        dtype = torch.float32
+    model = model.to(dtype)  # cast on meta first: no fp32 copy on the device
+    gemms = gemm_weights(model) if fp32acc else set()
+    for name, p in model.named_parameters():
+        if name in gemms:
+            p.data = p.data.to(torch.bfloat16)
+    model = model.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,9 +86,12 @@ def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     _materialize_buffers(model, device)
+    if fp32acc:
+        model.vision_autocast = torch.bfloat16
     tokenizer, processor = _load_processors(workdir)
     encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
-    return Engine(model.eval().requires_grad_(False), encoder, "full", workdir)
+    options = {k: v for k, v in (("precision", precision), ("compile", compile)) if v}
+    return Engine(model.eval().requires_grad_(False), encoder, "full", workdir, **options)
 
 
 def _references(count: int) -> list[Image.Image]:
@@ -98,19 +113,20 @@ def _run(engine, request, mode: str, batch: bool) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from hidream.cli import _dtype, resolve_model
+    from hidream.cli import engine_options, resolve_model
     from hidream.engine.pipeline import Engine, GenerationRequest, default_dtype, resolve_device
 
     device = resolve_device(args.device)
-    dtype = _dtype(args.dtype) or default_dtype(device)
+    options = engine_options(args)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(options.get("precision"), default_dtype(device))
     width, height = resolve_size(args.size, "--size")
     with tempfile.TemporaryDirectory() as tmp:
         if args.config:
-            engine = random_engine(args.config, device, dtype, Path(tmp))
+            engine = random_engine(args.config, device, dtype, Path(tmp), **options)
             source = f"random weights, {args.config} configuration"
         else:
             checkpoint, _ = resolve_model(args.model)
-            engine = Engine.load(checkpoint, device=device, dtype=dtype, variant=args.variant)
+            engine = Engine.load(checkpoint, device=device, variant=args.variant, **options)
             source = str(checkpoint)
         refs = _references(args.refs)
 
@@ -127,7 +143,9 @@ def run_bench(args: argparse.Namespace) -> int:
     report = {
         "source": source,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "precision": getattr(engine, "precision", None),
+        "compiled": bool(options.get("compile")),
         "size": f"{width}x{height}",
         "references": args.refs,
         "steps": args.steps,

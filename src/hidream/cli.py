@@ -15,11 +15,13 @@ from typing import Any, NoReturn
 from hidream.client import ApiError, Client, ClientError, InputError
 from hidream.engine.errors import CheckpointError, HiDreamError, InvalidRequestError
 from hidream.rules import (
-    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_REFERENCES, MAX_SEED, RANDOM_SEED, SEED_RULE,
-    STEPS_RULE, guidance_ok, images_ok, seed_ok, steps_ok,
+    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_REFERENCES, MAX_SEED, MAX_TIMESTEP, NOISE_DEFAULTS,
+    RANDOM_SEED, SCHEDULERS, SEED_RULE, STEPS_RULE, guidance_ok, images_ok, sampling_problem, seed_ok, steps_ok,
 )
 from hidream.service.errors import ServiceError
-from hidream.service.settings import ENV_NAMES, HELP, PARSERS, default_home, help_text, shown_default
+from hidream.service.settings import (
+    DTYPES, ENV_NAMES, HELP, PARSERS, PRECISIONS, default_home, help_text, precision_of, shown_default,
+)
 from hidream.sizes import SIZE_HELP, resolve_size
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -29,7 +31,10 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "device": "--device", "dtype": "--dtype", "variant": "--variant"}
+                "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "compile": "--compile", "scheduler": "--scheduler", "timesteps": "--timesteps",
+                "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
+                "noise_clip_std": "--noise-clip-std"}
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "output_format": "--format", "model": "--model",
@@ -54,10 +59,31 @@ def resolve_model(arg: str | None) -> tuple[Path, bool]:
     return demo_checkpoint(), True
 
 
-def _dtype(name: str | None):
-    import torch
+def _dtype(args: argparse.Namespace, note: bool = True) -> str | None:
+    """The precision mode of --precision, or of the deprecated --dtype (bf16, fp32; fp16 is refused);
+    None: the device's default. An error names the flag."""
+    try:
+        precision = precision_of(getattr(args, "precision", None), getattr(args, "dtype", None))
+    except InvalidRequestError as err:
+        raise InvalidRequestError(f"--{err.field}", err.rule) from None
+    if note and getattr(args, "dtype", None) is not None:
+        print(f"note: --dtype is deprecated: use --precision {precision}", file=sys.stderr)
+    return precision
 
-    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine.load's precision and compile, from the flags; only those set (an engine without them loads)."""
+    precision = _dtype(args)
+    return {k: v for k, v in (("precision", precision), ("compile", getattr(args, "compile", False))) if v}
+
+
+def _timesteps(raw: str) -> list[int]:
+    """--timesteps 999,857,515,110: comma-separated integers (the rule itself is checked with the others)."""
+    try:
+        return [int(part) for part in raw.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 999,857,515,110 "
+                                         f"(got {raw!r})") from None
 
 
 # --- the parser: one-line errors ---------------------------------------------------------------------------
@@ -158,7 +184,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the directory name; "
                                                               "'-Dev' means dev)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="bf16: weights and activations in bf16; bf16-fp32acc: bf16 matmuls on a float32 residual "
+                        "stream with float32 norms (more detail, more memory); fp32 (default: bf16 on CUDA, fp32 "
+                        "on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layer (regional): faster steps after a warm-up per image size")
+    p.add_argument("--dtype", choices=DTYPES, help="deprecated: use --precision; bf16 or fp32 (fp16 is refused)")
 
 
 def output_paths(out: Path, count: int, fmt: str) -> list[Path]:
@@ -210,6 +242,21 @@ def check_request_flags(args: argparse.Namespace) -> None:
         raise InvalidRequestError("--num-images", f"{IMAGES_RULE} (got {args.num_images})")
     if len(args.ref or []) > MAX_REFERENCES:
         raise InvalidRequestError("--ref", f"at most {MAX_REFERENCES} images (got {len(args.ref)})")
+    if args.command == "generate":
+        _dtype(args, note=False)
+        check_sampling_flags(args, None)
+
+
+def check_sampling_flags(args: argparse.Namespace, recipe_scheduler: str | None) -> None:
+    """--scheduler, --timesteps and the noise flags; with `recipe_scheduler` (the scheduler the recipe of the
+    variant and mode samples with), whether the flash-only ones fit the scheduler too."""
+    problem = sampling_problem(
+        recipe_scheduler or "flash", scheduler=args.scheduler, steps=args.steps, shift=args.shift,
+        timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
+        noise_clip_std=args.noise_clip_std)
+    if problem is not None:
+        field, rule = problem
+        raise InvalidRequestError(ENGINE_FLAGS[field], rule.replace("explicit timesteps", "--timesteps"))
 
 
 def as_flag_error(field: str, rule: str, flags: dict[str, str], refs: Sequence[str]) -> InvalidRequestError:
@@ -234,10 +281,13 @@ def _mode(count: int) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from hidream.engine.config import detect_variant, recipe_for
     from hidream.engine.images import load_image, plan_references
     from hidream.engine.pipeline import Engine, GenerationRequest
 
     checkpoint, is_demo = resolve_model(args.model)
+    # The flash-only noise flags against the recipe's scheduler, before the model loads (minutes for the real one)
+    check_sampling_flags(args, recipe_for(args.variant or detect_variant(checkpoint), len(args.ref or [])).scheduler)
     width, height = resolve_size(args.size or (DEMO_SIZE if is_demo else DEFAULT_SIZE), "--size")
     fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "PNG").lower()
     paths = output_paths(Path(args.output), args.num_images, fmt)
@@ -250,12 +300,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
                         field="references")
-        engine = Engine.load(checkpoint, device=args.device, dtype=_dtype(args.dtype), variant=args.variant)
+        engine = Engine.load(checkpoint, device=args.device, variant=args.variant, **engine_options(args))
         seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(
             prompt=args.prompt, width=width, height=height, references=references,
             keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
-            shift=args.shift, seed=seed, num_images=args.num_images,
+            shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
+            timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
+            noise_clip_std=args.noise_clip_std,
         )
         engine.validate(request)
         with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
@@ -274,8 +326,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
         except OSError as err:
             raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
-        print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {result.seconds:.1f} s"
-              f"{_mode(len(references))})")
+        print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {engine.variant}/"
+              f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))})")
     return 0
 
 
@@ -381,7 +433,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- the service's commands --------------------------------------------------------------------------------
 
 _DATABASE = ("home", "database_url")
-_ENGINE = ("model", "variant", "device", "dtype")
+_ENGINE = ("model", "variant", "device", "dtype", "precision", "compile")
 _STORAGE = ("storage_dir", "storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id",
             "s3_secret_access_key", "url_ttl_s")
 # The settings each command reads (its flags): `serve` all of them; `worker` its model, the database, the
@@ -397,7 +449,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 # Secrets are read from a file or the environment, never from a flag's value (which `ps` shows to everyone).
 SECRET_FILE_FLAGS = {"secret": "--secret-file", "s3_secret_access_key": "--s3-secret-access-key-file"}
-_CHOICES = {"variant": ["full", "dev"], "dtype": ["bf16", "fp16", "fp32"]}
+_CHOICES = {"variant": ["full", "dev"], "dtype": list(DTYPES), "precision": list(PRECISIONS)}
 
 
 def setting_flag(name: str) -> str:
@@ -426,6 +478,9 @@ def add_service_args(p: argparse.ArgumentParser, command: str) -> None:
                            choices=_CHOICES.get(name), help=help_text(name))
     if command == "serve":
         group.add_argument("--no-worker", action="store_true",
+        if name == "compile":  # a switch: --compile, or HIDREAM_COMPILE=true
+            group.add_argument(flag, dest=f"svc_{name}", action="store_const", const=True, help=help_text(name))
+            continue
                            help="API only: no worker in this process; run `hidream worker` elsewhere "
                                 "(env HIDREAM_WORKER=false)")
 
@@ -521,6 +576,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=INT, default=1,
                    help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses seed + i")
     g.add_argument("--ref", nargs="+", action="extend", metavar="IMAGE",
+    g.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="sampler (default: the recipe's: unipc full; flash dev, euler for a dev edit); the noise "
+                        "defaults follow it")
+    g.add_argument("--timesteps", type=_timesteps, metavar="T1,T2,...",
+                   help=f"an explicit schedule for any scheduler: model timesteps, one per step, strictly "
+                        f"decreasing from {MAX_TIMESTEP} to 1, each step's sigma t/1000 (e.g. 999,857,515,110; "
+                        "--steps then defaults to their count). Default: the scheduler's own schedule for --steps "
+                        "and --shift; dev at 28 steps: its 28 fixed timesteps")
+    flash, plain = NOISE_DEFAULTS["flash"], NOISE_DEFAULTS["unipc"]
+    g.add_argument("--noise-scale", type=NUMBER,
+                   help=f"the initial noise's scale, and flash's first re-noise (default: {flash[0]:g} flash, "
+                        f"{plain[0]:g} unipc and euler)")
+    g.add_argument("--noise-scale-end", type=NUMBER,
+                   help=f"flash only: the last step's re-noise scale, linear from --noise-scale (default: "
+                        f"{flash[1]:g})")
+    g.add_argument("--noise-clip-std", type=NUMBER,
+                   help=f"flash only: clip the re-noise at this many standard deviations, 0 for none (default: "
+                        f"{flash[2]:g})")
                    help="reference image(s): 1 edits, 2-10 personalize; repeat --ref or list several after one "
                         "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.service.errors import ServiceError
-from hidream.service.settings import Settings
+from hidream.service.settings import Settings, precision_of
 
 if TYPE_CHECKING:  # imported where used: `serve` checks its port before it imports the service's modules
     from hidream.service.store import ApiKey, Store
@@ -28,32 +28,33 @@ if TYPE_CHECKING:  # imported where used: `serve` checks its port before it impo
 
 log = logging.getLogger("hidream")
 
-DTYPES = ("bf16", "fp16", "fp32")
 VARIANTS = ("full", "dev")
 
 
 def engine_loader(settings: Settings) -> Callable[[], Any]:
     """A function that loads the configured checkpoint (the demo one when none is configured).
 
-    It raises CheckpointError, or InvalidRequestError naming "variant", "dtype" or "device".
+    It raises CheckpointError, or InvalidRequestError naming "variant", "dtype", "precision" or "device".
     """
 
     def load():
         if settings.variant not in (None, *VARIANTS):
             raise InvalidRequestError("variant", f"must be full or dev (got {settings.variant!r})")
-        if settings.dtype not in (None, *DTYPES):
-            raise InvalidRequestError("dtype", f"must be bf16, fp16 or fp32 (got {settings.dtype!r})")
-        import torch
-
+        precision = precision_of(settings.precision, settings.dtype)
+        if settings.dtype is not None:
+            log.warning("HIDREAM_DTYPE (--dtype) is deprecated: use HIDREAM_PRECISION (--precision) %s", precision)
         from hidream.engine.demo import write_demo_checkpoint
         from hidream.engine.pipeline import Engine
 
         path = Path(settings.model).expanduser() if settings.model else settings.home / "demo-model"
         if not settings.model and not (path / "config.json").is_file():
             write_demo_checkpoint(path)
-        dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[settings.dtype]
-        engine = Engine.load(path, device=settings.device, dtype=dtype, variant=settings.variant)
-        log.info("model loaded from %s on %s (%s)", path, engine.device, engine.dtype)
+        # precision and compile are passed only when set, so an engine without them still loads
+        options = {k: v for k, v in (("precision", precision), ("compile", settings.compile)) if v}
+        engine = Engine.load(path, device=settings.device, variant=settings.variant, **options)
+        log.info("model loaded from %s on %s (%s%s), variant %s", path, engine.device,
+                 getattr(engine, "precision", None) or engine.dtype, ", compiled" if settings.compile else "",
+                 engine.variant)
         return engine
 
     return load

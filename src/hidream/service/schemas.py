@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,18 +18,28 @@ from hidream.rules import (
     MAX_AREA,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_NOISE_CLIP_STD,
+    MAX_NOISE_SCALE,
     MAX_PROMPT,
     MAX_REFERENCES,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_TIMESTEP,
     MIN_GUIDANCE,
     MIN_SIDE,
     MULTIPLE,
+    NOISE_CLIP_STD_RULE,
+    NOISE_DEFAULTS,
+    NOISE_SCALE_END_RULE,
+    NOISE_SCALE_RULE,
     RANDOM_SEED,
+    SCHEDULER_RULE,
+    SCHEDULERS,
     SEED_RULE,
     SIZE_RULE,
     STEPS_RULE,
+    TIMESTEPS_RULE,
 )
 from hidream.sizes import SIZE_PRESETS
 
@@ -49,7 +59,17 @@ RULES = {
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
     "webhook_url": "must be an http or https URL of at most 2,048 characters",
+    # extensions of the hosted contract: the sampling recipe's settings
+    "scheduler": SCHEDULER_RULE,
+    "timesteps": TIMESTEPS_RULE,
+    "noise_scale": NOISE_SCALE_RULE,
+    "noise_scale_end": NOISE_SCALE_END_RULE,
+    "noise_clip_std": NOISE_CLIP_STD_RULE,
 }
+# The extensions' fields: stored in a task's input only when given, so other predictions look as they did.
+EXTENSIONS = ("scheduler", "timesteps", "noise_scale", "noise_scale_end", "noise_clip_std")
+Timestep = Annotated[int, Field(ge=1, le=MAX_TIMESTEP)]
+_FLASH, _PLAIN = NOISE_DEFAULTS["flash"], NOISE_DEFAULTS["unipc"]
 
 
 # What a size string looks like (the numbers must still meet the size rule); documentation for /openapi.json.
@@ -93,6 +113,27 @@ class GenerateImageRequest(BaseModel):
     webhook_url: str | None = Field(None, min_length=1, max_length=2048,
                                     json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\\s]+"},
                                     description="POST the final prediction there (a public http(s) address)")
+    # Extensions: None means the served recipe's (and the noise settings of the scheduler it samples with).
+    scheduler: Literal[SCHEDULERS] | None = Field(  # type: ignore[valid-type]
+        None, description="extension: the sampler; default the recipe's (unipc full; flash dev, euler for a dev "
+                          "edit). The noise defaults follow it")
+    timesteps: list[Timestep] | None = Field(
+        None, min_length=1, max_length=MAX_STEPS,
+        description=f"extension: an explicit schedule for any scheduler, model timesteps strictly decreasing from "
+                    f"{MAX_TIMESTEP} to 1, one per step (sigma t/1000), e.g. [999, 857, 515, 110]; "
+                    "num_inference_steps must then be absent or their count")
+    noise_scale: float | None = Field(
+        None, gt=0, le=MAX_NOISE_SCALE,
+        description=f"extension: the initial noise's scale, and flash's first re-noise; default {_FLASH[0]:g} "
+                    f"flash, {_PLAIN[0]:g} unipc and euler")
+    noise_scale_end: float | None = Field(
+        None, ge=0, le=MAX_NOISE_SCALE,
+        description=f"extension, flash only: the last step's re-noise scale (linear from noise_scale); default "
+                    f"{_FLASH[1]:g}")
+    noise_clip_std: float | None = Field(
+        None, ge=0, le=MAX_NOISE_CLIP_STD,
+        description=f"extension, flash only: the re-noise clipped at this many standard deviations (0: none); "
+                    f"default {_FLASH[2]:g}")
 
     @field_validator("prompt")
     @classmethod
@@ -103,11 +144,18 @@ class GenerateImageRequest(BaseModel):
             raise ValueError(f"must not contain the model's control token {token}")
         return v
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "noise_scale", "noise_scale_end", "noise_clip_std")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("not finite")
+        return v
+
+    @field_validator("timesteps")
+    @classmethod
+    def _decreasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError("not strictly decreasing")
         return v
 
 
@@ -302,4 +350,14 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "enable_sync_mode": {"type": "boolean", "default": False},
         "enable_base64_output": {"type": "boolean", "default": False},
         "webhook_url": {"type": "string", "default": None, "max_length": 2048},
+        # extensions; None: the recipe's for the mode (and the noise settings of its scheduler)
+        "scheduler": {"type": "string", "default": None, "enum": list(SCHEDULERS), "extension": True},
+        "timesteps": {"type": "array", "default": None, "min_items": 1, "max_items": MAX_STEPS, "minimum": 1,
+                      "maximum": MAX_TIMESTEP, "extension": True},
+        "noise_scale": {"type": "number", "default": None, "exclusive_minimum": 0, "maximum": MAX_NOISE_SCALE,
+                        "scheduler_defaults": {k: v[0] for k, v in NOISE_DEFAULTS.items()}, "extension": True},
+        "noise_scale_end": {"type": "number", "default": None, "minimum": 0, "maximum": MAX_NOISE_SCALE,
+                            "scheduler_defaults": {"flash": _FLASH[1]}, "extension": True},
+        "noise_clip_std": {"type": "number", "default": None, "minimum": 0, "maximum": MAX_NOISE_CLIP_STD,
+                           "scheduler_defaults": {"flash": _FLASH[2]}, "extension": True},
     }

@@ -8,11 +8,32 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from hidream.engine.errors import InvalidRequestError
 from hidream.service.errors import ServiceError
 
 DEFAULT_MODEL_IDS = ("hidream-o1-image",)
 # The hosted service's ids, so its clients work unchanged.
 DEFAULT_ALIASES = {"hidream-o1-1.5": "hidream-o1-image", "hidream-ai/hidream-o1-1.5": "hidream-o1-image"}
+
+
+PRECISIONS = ("bf16", "bf16-fp32acc", "fp32")
+DTYPES = ("bf16", "fp16", "fp32")  # the choices of the deprecated --dtype / HIDREAM_DTYPE; fp16 is refused
+FP16_REFUSED = "fp16 is not supported: Qwen3 activations overflow float16; use --precision bf16"
+
+
+def precision_of(precision: str | None, dtype: str | None) -> str | None:
+    """The precision mode asked for: `precision`, else the deprecated `dtype` (bf16 or fp32); None: the
+    device's default. InvalidRequestError naming "dtype" (fp16, unknown, or at odds with precision) or
+    "precision" (unknown) otherwise."""
+    if dtype == "fp16" or precision == "fp16":
+        raise InvalidRequestError("dtype" if dtype == "fp16" else "precision", FP16_REFUSED)
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidRequestError("dtype", f"must be bf16 or fp32 (deprecated: use --precision; got {dtype!r})")
+    if precision is not None and precision not in PRECISIONS:
+        raise InvalidRequestError("precision", f"must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    if dtype is not None and precision is not None and dtype != precision:
+        raise InvalidRequestError("dtype", f"deprecated, and at odds with --precision {precision}; leave it out")
+    return precision or dtype
 
 
 def default_home() -> Path:
@@ -27,7 +48,9 @@ class Settings:
     model: str | None = None  # checkpoint directory; None: the demo checkpoint
     variant: str | None = None  # full | dev; None: from the directory name
     device: str | None = None
-    dtype: str | None = None  # bf16 | fp16 | fp32
+    dtype: str | None = None  # deprecated spelling of precision: bf16 | fp32 (fp16 is refused)
+    precision: str | None = None  # bf16 | bf16-fp32acc | fp32; None: bf16 on CUDA, fp32 on the CPU
+    compile: bool = False  # regional torch.compile of the decoder layer
     model_ids: tuple[str, ...] = DEFAULT_MODEL_IDS
     aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     host: str = "127.0.0.1"
@@ -85,11 +108,24 @@ class Settings:
         return path.read_text().strip()
 
     @property
+    def served_variant(self) -> str:
+        """full or dev: --variant, else detected from the checkpoint directory (the demo checkpoint: full)."""
+        from hidream.engine.config import detect_variant
+
+        if self.variant is not None:
+            return self.variant
+        return detect_variant(Path(self.model).expanduser()) if self.model else "full"
+
+    @property
     def recipe_defaults(self) -> tuple[int, float]:
         """(steps, guidance) when a request leaves them out: the served variant's official recipe."""
-        dev = self.variant == "dev" or (self.variant is None and bool(self.model)
-                                        and Path(self.model).name.lower().endswith("-dev"))
-        return (28, 1.0) if dev else (50, 5.0)
+        return (28, 1.0) if self.served_variant == "dev" else (50, 5.0)
+
+    def recipe_scheduler(self, num_references: int) -> str:
+        """The scheduler the served recipe uses for a mode when a request asks for none."""
+        from hidream.engine.config import recipe_for
+
+        return recipe_for("dev" if self.served_variant == "dev" else "full", num_references).scheduler
 
     def resolve_model_id(self, name: str) -> str | None:
         """The served id a client's model name maps to, or None."""
@@ -122,7 +158,7 @@ def _bool(v: str) -> bool:
 
 
 PARSERS: dict[str, Any] = {
-    "home": Path, "model": str, "variant": str, "device": str, "dtype": str,
+    "home": Path, "model": str, "variant": str, "device": str, "dtype": str, "precision": str, "compile": _bool,
     "model_ids": _tuple, "aliases": _aliases, "host": str, "port": int, "public_url": str,
     "database_url": str, "storage_dir": Path, "storage_url": str, "s3_endpoint_url": str, "s3_region": str,
     "s3_access_key_id": str, "s3_secret_access_key": str, "secret": str, "price_usd": float,
@@ -140,7 +176,10 @@ HELP: dict[str, str] = {
     "model": "checkpoint directory in the official layout",
     "variant": "recipe: full or dev",
     "device": "cuda, cuda:N or cpu",
-    "dtype": "bf16, fp16 or fp32",
+    "dtype": "deprecated: use precision; bf16 or fp32 (fp16 is refused: Qwen3 activations overflow it)",
+    "precision": "bf16 (weights and activations), bf16-fp32acc (bf16 matmuls on a float32 residual stream, "
+                 "float32 norms; more detail, more memory) or fp32",
+    "compile": "torch.compile the decoder layer (regional): faster steps after a warm-up per image size",
     "model_ids": "the model ids served (comma-separated); requests name one of them",
     "aliases": "other model names accepted, as alias=id pairs (comma-separated)",
     "host": "address the API listens on (0.0.0.0: every interface)",
@@ -180,7 +219,8 @@ HELP: dict[str, str] = {
 _DEFAULT_SHOWN = {
     "home": "$HOME/.cache/hidream", "model": "the demo checkpoint, whose images are noise",
     "variant": "from the directory name; '-Dev' means dev", "device": "cuda when present, else cpu",
-    "dtype": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT", "database_url": "sqlite:///HOME/hidream.db",
+    "dtype": "none: see precision", "precision": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT",
+    "database_url": "sqlite:///HOME/hidream.db",
     "storage_dir": "HOME/storage", "storage_url": "the local directory, HIDREAM_STORAGE_DIR",
     "s3_endpoint_url": "AWS S3", "s3_region": "boto3's", "s3_access_key_id": "boto3's default credentials",
     "s3_secret_access_key": "boto3's default credentials", "secret": "generated once, kept in HOME/secret",

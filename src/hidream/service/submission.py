@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from hidream.engine.errors import InvalidRequestError
 from hidream.engine.images import plan_references
-from hidream.rules import MAX_SEED
+from hidream.rules import MAX_SEED, sampling_problem
 from hidream.service import schemas
 from hidream.service.context import TERMINAL, ApiContext
 from hidream.service.errors import BadRequest, NotFound, Unavailable
@@ -31,6 +31,7 @@ from hidream.service.fetch import (
     decode_data_uri,
     fetch_image,
 )
+from hidream.service.settings import Settings
 from hidream.service.store import IdempotentReplay
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
@@ -78,6 +79,18 @@ async def reference(ctx: ApiContext, url: str, field: str, key_id: str) -> Refer
     return data, await run_in_threadpool(check_image, data, ctx.policy, field)
 
 
+def check_sampling(settings: Settings, body: schemas.GenerateImageRequest, num_references: int) -> None:
+    """The sampling extensions' rules across fields (the schema checks each alone): num_inference_steps
+    against timesteps, and the flash-only noise fields against the scheduler the request samples with."""
+    problem = sampling_problem(
+        settings.recipe_scheduler(num_references), scheduler=body.scheduler, steps=body.num_inference_steps,
+        timesteps=body.timesteps, noise_scale=body.noise_scale, noise_scale_end=body.noise_scale_end,
+        noise_clip_std=body.noise_clip_std)
+    if problem is not None:
+        field, rule = problem
+        raise BadRequest(f"{'num_inference_steps' if field == 'steps' else field}: {rule}")
+
+
 def output_size(body: schemas.GenerateImageRequest, width: int, height: int, references: list[Reference],
                 field: str = "reference_image_urls") -> tuple[int, int]:
     """The output's (width, height) for the requested size, after the engine's reference checks (BadRequest naming
@@ -107,6 +120,7 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
         served = ", ".join([*settings.model_ids, *settings.aliases])
         raise BadRequest(f"model: must be one of {served} (got {body.model!r})")
     width, height = schemas.resolve_size(body.image_size)  # before any fetch: a bad size costs nothing
+    check_sampling(settings, body, len(body.reference_image_urls) if references is None else len(references))
     if idempotency is not None:  # a replay costs no fetch
         earlier = await run_in_threadpool(store.idempotent_task, key_id, *idempotency)
         if earlier is not None:
@@ -124,7 +138,10 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     task_id = secrets.token_hex(16)
     ref_keys = [f"references/{task_id}/{i}.{EXTENSIONS[info.format]}" for i, (_, info) in enumerate(references)]
     steps, guidance = settings.recipe_defaults
-    inp = body.model_dump(exclude={"model", "image_size", "webhook_url"}) | {
+    if body.timesteps is not None:
+        steps = len(body.timesteps)
+    unset = {name for name in schemas.EXTENSIONS if getattr(body, name) is None}  # stored only when given
+    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", *unset}) | {
         "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
         "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
         "num_inference_steps": body.num_inference_steps or steps,

@@ -88,6 +88,9 @@ def build_request(task: dict[str, Any], references: list[bytes]):
         prompt=inp["prompt"], width=inp["width"], height=inp["height"], references=references,
         keep_original_aspect=inp["keep_original_aspect"], steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
+        # extensions, stored only when a request gave them (tasks queued before them have none)
+        scheduler=inp.get("scheduler"), timesteps=inp.get("timesteps"), noise_scale=inp.get("noise_scale"),
+        noise_scale_end=inp.get("noise_scale_end"), noise_clip_std=inp.get("noise_clip_std"),
     )
 
 
