@@ -25,3 +25,66 @@ def test_bench_reports_both_paths_and_the_same_image(tmp_path: Path, demo_checkp
 def test_bench_random_weights_of_a_named_configuration(tmp_path: Path, capsys) -> None:
     assert main(["bench", "--config", "demo", "--device", "cpu", "--size", "64x64", "--steps", "1"]) == 0
     assert "random weights, demo configuration" in capsys.readouterr().out
+
+
+def _dry_run(tmp_path: Path, *flags: str) -> dict:
+    out = tmp_path / "dry.json"
+    assert main(["bench", "--dry-run", *flags, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _meta_params(config: str, tmp_path: Path) -> int:
+    import torch
+
+    from hidream.dry_run import named_spec
+    from hidream.engine.model import HiDreamO1
+
+    spec, _ = named_spec(config, tmp_path)
+    with torch.device("meta"):
+        return sum(p.numel() for p in HiDreamO1(spec).parameters())
+
+
+def test_dry_run_figures_add_up(tmp_path: Path, capsys) -> None:
+    r = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--tflops", "100")
+    assert r["params"] == _meta_params("demo", tmp_path / "spec")
+    assert r["steps"] == 50 and r["guidance"] == 5 and r["branches"] == 2  # the full recipe
+    assert r["flops_per_step"] > 0 and r["prefill_flops"] > 0
+    assert r["flops_per_image"] == 50 * r["flops_per_step"] + r["prefill_flops"]
+    assert r["floor_seconds"] == r["flops_per_image"] / 100e12
+    # The counter books no CPU SDPA kernel; the formula fills in, per layer and branch: 4 Sq Sk D H
+    # with Sq the generation tokens and Sk the branch's text plus them (demo: 3 layers, 4 heads of 16).
+    step, tokens = r["step"], r["tokens"]
+    g = tokens["generation"]
+    assert g == 1 + 16 and tokens["target"] == 16
+    assert step["attention_analytic"] == sum(3 * 4 * g * (t + g) * 16 * 4 for t in tokens["text"])
+    assert step["attention_added"] + step["attention_counted"] >= step["attention_analytic"] > 0
+    assert r["flops_per_step"] == step["counted"] + step["attention_added"]
+    mem = r["memory"]
+    assert 0 <= mem["weights_bytes"] - 2 * r["params"] < 1024  # bf16, and the ViT's rotary buffer
+    assert mem["peak_bytes"] >= mem["peak_step_bytes"] > mem["resident_after_prefill_bytes"] > mem["weights_bytes"]
+    printed = capsys.readouterr().out
+    assert "estimate from fake tensors" in printed and "| flops per step |" in printed
+
+
+def test_dry_run_scales_with_the_image(tmp_path: Path) -> None:
+    small = _dry_run(tmp_path, "--config", "demo", "--size", "256x256", "--steps", "4")
+    large = _dry_run(tmp_path, "--config", "demo", "--size", "512x512", "--steps", "4")
+    assert large["tokens"]["target"] == 4 * small["tokens"]["target"]
+    # GEMMs grow with the generation tokens (4x the target), attention with their square.
+    assert 3.5 < large["step"]["counted"] / small["step"]["counted"] < 4.5
+    assert large["step"]["attention_analytic"] / small["step"]["attention_analytic"] > 6
+    assert large["flops_per_image"] == 4 * large["flops_per_step"] + large["prefill_flops"]
+
+
+def test_dry_run_with_references_and_without_guidance(tmp_path: Path) -> None:
+    r = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--refs", "2", "--guidance", "1")
+    assert r["branches"] == 1 and len(r["tokens"]["text"]) == 1
+    assert r["tokens"]["generation"] > 1 + r["tokens"]["target"]  # reference patches follow the target
+    assert r["prefill"]["counted"] > 0  # the ViT and the text prefill, once per request
+
+
+def test_dry_run_of_the_full_configuration(tmp_path: Path) -> None:
+    r = _dry_run(tmp_path, "--config", "full", "--size", "256x256", "--steps", "1")
+    assert r["params"] == _meta_params("full", tmp_path / "spec")
+    assert 8.0e9 < r["params"] < 8.4e9
+    assert 0 <= r["memory"]["weights_bytes"] - 2 * r["params"] < 2**20

@@ -425,8 +425,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from hidream.dry_run import run_dry_run
+
+        return run_dry_run(args)  # steps and guidance default to the recipe's
     from hidream.bench import run_bench
 
+    args.steps = 10 if args.steps is None else args.steps
+    args.guidance = 5.0 if args.guidance is None else args.guidance
     return run_bench(args)
 
 
@@ -676,12 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights of a named configuration instead of a checkpoint "
                         "(full = the 8B HiDream-O1 shape)")
     b.add_argument("--size", default="512x512")
-    b.add_argument("--steps", type=INT, default=10)
-    b.add_argument("--guidance", type=NUMBER, default=5.0)
+    b.add_argument("--steps", type=INT, help="default 10; with --dry-run the recipe's (full: 50)")
+    b.add_argument("--guidance", type=NUMBER, help="default 5; with --dry-run the recipe's")
     b.add_argument("--refs", type=INT, default=0, help="number of reference images (random pictures)")
     b.add_argument("--plain-steps", type=INT, default=None,
                    help="steps for the plain baseline (default: the same as --steps)")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--dry-run", action="store_true",
+                   help="no weights, no device: one request and one step on fake tensors; reports params, "
+                        "flops per step and image, the seconds floor at --tflops and peak memory (estimates)")
+    b.add_argument("--tflops", type=NUMBER, default=800.0,
+                   help="dense throughput for the --dry-run floor, in TFLOP/s (default 800)")
     b.set_defaults(func=cmd_bench)
     return parser
 
