@@ -3,10 +3,10 @@
 One `DecoderLayer.forward` serves every path; the paths differ only in how attention is done (an
 `Attend` passed in, one per layer):
 - `prefill`, once per request and guidance branch: the text tokens, causally; each layer's keys and
-  values are written into a preallocated `KVBuffer` sized for text + generation tokens;
+  values are written once into a preallocated `KVBuffer`;
 - `forward_generation`, every step: the generation tokens of one or more branches (their GEMMs
-  batched); each branch writes its K/V after its own text in its own buffer and attends over it,
-  with no mask (the text never attends to generation tokens, so its K/V are constant);
+  batched); each branch attends over its own text K/V and the generation tokens' K/V, with no mask
+  (the text never attends to generation tokens, so its K/V are constant);
 - `forward_full`, the reference: the whole sequence of one branch, as the official code does it
   (a causal pass over the text, a full pass for the generation rows).
 """
@@ -26,6 +26,8 @@ from hidream.engine.config import PATCH_SIZE, ModelSpec
 from hidream.engine.layers import Linear, RMSNorm, apply_rope, attention, fuse_linears
 
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
+# Tokens per MLP pass: big enough for full-speed GEMMs (x2 rows with guidance), small enough for memory.
+MLP_CHUNK = 1024
 
 
 class Attend(Protocol):
@@ -35,50 +37,64 @@ class Attend(Protocol):
 
 @dataclass
 class KVBuffer:
-    """One branch's keys and values, per layer [1, text_len + gen_len, KVH, D]: text first, written
-    once by the prefill; the generation tokens' rows are overwritten at every step."""
+    """One branch's text keys and values, per layer [1, text_len, KVH, D], written once by the prefill,
+    and one scratch pair [1, text_len + gen_len, KVH, D] that every layer's step attends over: the
+    layer's text K/V copied in front, the generation tokens' K/V after. One scratch for all layers
+    keeps the step's K/V memory at a layer's worth, not 36 layers' worth of generation rows."""
 
     keys: list[Tensor]
     values: list[Tensor]
-    text_len: int
+    scratch_keys: Tensor
+    scratch_values: Tensor
+
+    @property
+    def text_len(self) -> int:
+        return self.keys[0].shape[1]
 
     @classmethod
     def empty(cls, layers: int, text_len: int, gen_len: int, kv_heads: int, head_dim: int,
               device: torch.device, dtype: torch.dtype) -> KVBuffer:
-        shape = (1, text_len + gen_len, kv_heads, head_dim)
-        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)],
-                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)], text_len)
+        def new(rows: int) -> Tensor:
+            return torch.empty((1, rows, kv_heads, head_dim), device=device, dtype=dtype)
+
+        return cls([new(text_len) for _ in range(layers)], [new(text_len) for _ in range(layers)],
+                   new(text_len + gen_len), new(text_len + gen_len))
 
 
 @dataclass
 class PrefillAttend:
-    """The text of one branch: causal attention; K/V kept in the buffer."""
+    """The text of one branch: causal attention; K/V kept in the layer's text buffers."""
 
     keys: Tensor
     values: Tensor
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        n = k.shape[1]
-        self.keys[:, :n].copy_(k)
-        self.values[:, :n].copy_(v)
+        self.keys.copy_(k)
+        self.values.copy_(v)
         return attention(q, k, v, causal=True)
 
 
 @dataclass
 class CachedAttend:
-    """Generation tokens of B branches: row b writes its K/V after branch b's text, then attends over
-    that whole buffer (one mask-free call per branch; the projections around it stay batched)."""
+    """Generation tokens of B branches: row b attends over branch b's text K/V of this layer and its
+    own, laid side by side in b's scratch (one mask-free call per branch; the projections around it
+    stay batched)."""
 
-    keys: list[Tensor]
-    values: list[Tensor]
-    text_lens: list[int]
+    text_keys: list[Tensor]
+    text_values: list[Tensor]
+    scratch_keys: list[Tensor]
+    scratch_values: list[Tensor]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         outs = []
-        for b, (kb, vb, start) in enumerate(zip(self.keys, self.values, self.text_lens, strict=True)):
-            kb[:, start:].copy_(k[b:b + 1])
-            vb[:, start:].copy_(v[b:b + 1])
-            outs.append(attention(q[b:b + 1], kb, vb))
+        for b, (tk, tv, sk, sv) in enumerate(zip(self.text_keys, self.text_values, self.scratch_keys,
+                                                 self.scratch_values, strict=True)):
+            n = tk.shape[1]
+            sk[:, :n].copy_(tk)
+            sk[:, n:].copy_(k[b:b + 1])
+            sv[:, :n].copy_(tv)
+            sv[:, n:].copy_(v[b:b + 1])
+            outs.append(attention(q[b:b + 1], sk, sv))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -148,6 +164,13 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: [B, S, hidden]; long sequences in chunks of MLP_CHUNK tokens, so the [B, S, 2 * intermediate]
+        activations of a 2K image (0.4 GB in bf16, with guidance) never exist at once."""
+        if x.shape[1] > MLP_CHUNK:
+            return torch.cat([self._forward(c) for c in x.split(MLP_CHUNK, dim=1)], dim=1)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -334,15 +357,14 @@ class HiDreamO1(nn.Module):
             h = layer(h, cos, sin, PrefillAttend(buffer.keys[i], buffer.values[i]))
             h = self._inject(h, i, visual)
         _, k, v = last.self_attn.qkv(last.input_layernorm(h), cos, sin)
-        n, dtype = k.shape[1], buffer.keys[-1].dtype
-        buffer.keys[-1][:, :n].copy_(k.to(dtype))
-        buffer.values[-1][:, :n].copy_(v.to(dtype))
+        buffer.keys[-1].copy_(k)
+        buffer.values[-1].copy_(v)
 
     def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer]) -> Tensor:
         """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself."""
-        lens = [b.text_len for b in buffers]
+        sk, sv = [b.scratch_keys for b in buffers], [b.scratch_values for b in buffers]
         for i, layer in enumerate(self.layers):
-            attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], lens)
+            attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], sk, sv)
             h = self.step_layer(layer, h, cos, sin, attend)
         return h
 
