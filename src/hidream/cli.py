@@ -478,15 +478,15 @@ def add_service_args(p: argparse.ArgumentParser, command: str) -> None:
             p.add_argument(flag, action=_Removed, advice=f"removed: a value on the command line shows in ps; "
                                                          f"set {env} or pass {file_flag} PATH")
             continue
+        if name == "compile":  # a switch: --compile, or HIDREAM_COMPILE=true
+            group.add_argument(flag, dest=f"svc_{name}", action="store_const", const=True, help=help_text(name))
+            continue
         parse = PARSERS[name]
         kind = {int: "an integer", float: "a number"}.get(parse)
         group.add_argument(flag, dest=f"svc_{name}", metavar=name.upper(), type=_typed(parse, kind),
                            choices=_CHOICES.get(name), help=help_text(name))
     if command == "serve":
         group.add_argument("--no-worker", action="store_true",
-        if name == "compile":  # a switch: --compile, or HIDREAM_COMPILE=true
-            group.add_argument(flag, dest=f"svc_{name}", action="store_const", const=True, help=help_text(name))
-            continue
                            help="API only: no worker in this process; run `hidream worker` elsewhere "
                                 "(env HIDREAM_WORKER=false)")
 
@@ -576,12 +576,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"classifier-free guidance: {GUIDANCE_RULE.removeprefix('must be ')} "
                         "(default: 5.0 full / 1.0 dev)")
     g.add_argument("--shift", type=NUMBER, help="timestep shift (default: 3.0; 1.0 with 2+ references)")
-    g.add_argument("--seed", type=INT, default=RANDOM_SEED,
-                   help=f"0 to {MAX_SEED}; default {RANDOM_SEED}: a random seed, printed with the image "
-                        "(pass it back to get the same image)")
-    g.add_argument("--num-images", type=INT, default=1,
-                   help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses seed + i")
-    g.add_argument("--ref", nargs="+", action="extend", metavar="IMAGE",
     g.add_argument("--scheduler", choices=SCHEDULERS,
                    help="sampler (default: the recipe's: unipc full; flash dev, euler for a dev edit); the noise "
                         "defaults follow it")
@@ -600,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-clip-std", type=NUMBER,
                    help=f"flash only: clip the re-noise at this many standard deviations, 0 for none (default: "
                         f"{flash[2]:g})")
+    g.add_argument("--seed", type=INT, default=RANDOM_SEED,
+                   help=f"0 to {MAX_SEED}; default {RANDOM_SEED}: a random seed, printed with the image "
+                        "(pass it back to get the same image)")
+    g.add_argument("--num-images", type=INT, default=1,
+                   help=f"{IMAGES_RULE.removeprefix('must be ')}; image i uses seed + i")
+    g.add_argument("--ref", nargs="+", action="extend", metavar="IMAGE",
                    help="reference image(s): 1 edits, 2-10 personalize; repeat --ref or list several after one "
                         "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",
