@@ -101,7 +101,7 @@ def _references(count: int) -> list[Image.Image]:
 
 def _run(engine, request, mode: str, batch: bool) -> dict:
     _peak_reset(engine.device)
-    result = engine.generate(request, mode=mode, batch_guidance=batch)
+    result = engine.generate(request, mode=mode, batch_guidance=batch, timings=True)
     steps = result.step_seconds
     # The first step includes warm-up work of the kernels; the median is the steady state.
     return {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md, in one run of under 8 minutes on one H100/H200:
+#   benchmarks/gpu.sh [OFFICIAL_SRC]
+# A full-size (8B) HiDream-O1 with random bf16 weights is built directly on the GPU (no checkpoint,
+# nothing downloaded); at 2048x2048, 50 steps, guidance 5, it prints seconds per step and per image and
+# the peak memory for the engine eager and with --compile, next to the dry run's floor. With
+# OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case.
+# The Python used: $PYTHON, else this checkout's .venv when its torch sees CUDA, else python3; the
+# checkout's src/ goes first on PYTHONPATH, so no install is needed where torch and transformers are.
+# Results (JSON) go to $OUT, or a temporary directory that is printed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+official_src="${1:-}"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+    py=python3
+    if [ -x "$root/.venv/bin/python" ] && "$root/.venv/bin/python" -c \
+        "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+        py="$root/.venv/bin/python"
+    fi
+fi
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'torch', torch.__version__)"
+"$py" -c "import flash_attn_interface" 2>/dev/null && echo "attention: FlashAttention 3" \
+    || { "$py" -c "import flash_attn" 2>/dev/null && echo "attention: FlashAttention 2"; } \
+    || echo "attention: SDPA (no flash-attn installed)"
+
+bench() { "$py" -m hidream.cli bench "$@"; }
+case=(--config full --device cuda --size 2048x2048 --steps 50 --guidance 5)
+
+echo "== dry run (fake tensors): FLOPs, the floor at 800 TFLOP/s, memory estimate"
+bench --dry-run --config full --size 2048x2048 --json "$out/dry-run.json"
+echo "== eager (plain path: 2 steps of full recompute, for the ratio per step)"
+bench "${case[@]}" --plain-steps 2 --json "$out/eager.json"
+echo "== --compile"
+bench "${case[@]}" --plain-steps 2 --compile --json "$out/compile.json"
+echo "== --compile, edit (1 reference)"
+bench "${case[@]}" --plain-steps 1 --refs 1 --compile --json "$out/compile-edit.json"
+if [ -n "$official_src" ]; then
+    echo "== the official pipeline, same case"
+    "$py" "$root/benchmarks/official.py" --official-src "$official_src" --official-python "$py" \
+        --device cuda --config full --size 2048x2048 --steps 50 --guidance 5 --json "$out/official.json"
+fi
+echo "results: $out"
