@@ -324,7 +324,9 @@ FLAG_ERRORS = {
                                                                              "by the flash scheduler"),
     "dtype-fp16": (["--dtype", "fp16"], "error: --dtype: fp16 is not supported: Qwen3 activations overflow float16; "
                                         "use --precision bf16\n"),
-    "precision-fp16": (["--precision", "fp16"], "error: --precision: must be one of bf16, bf16-fp32acc, fp32"),
+    "precision-fp16": (["--precision", "fp16"], "error: --precision: fp16 is not supported: Qwen3 activations "
+                                                "overflow float16; use --precision bf16\n"),
+    "precision-unknown": (["--precision", "fp8"], "error: --precision: must be one of bf16, bf16-fp32acc, fp32"),
     "dtype-and-precision": (["--dtype", "bf16", "--precision", "fp32"], "error: --dtype: deprecated, and at odds "
                                                                         "with --precision fp32"),
 }

@@ -184,7 +184,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the directory name; "
                                                               "'-Dev' means dev)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--precision", choices=PRECISIONS,
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",  # checked by precision_of: fp16 gets its reason
                    help="bf16: weights and activations in bf16; bf16-fp32acc: bf16 matmuls on a float32 residual "
                         "stream with float32 norms (more detail, more memory); fp32 (default: bf16 on CUDA, fp32 "
                         "on CPU)")
