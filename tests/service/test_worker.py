@@ -212,3 +212,37 @@ def test_a_cancel_that_comes_after_the_last_step_keeps_no_images_and_charges_not
     for i in range(2):
         with pytest.raises(NotFound):
             storage.get(f"outputs/{tid}/{i}.png")
+
+
+def test_progress_and_previews_are_written_off_the_denoising_loop(service, monkeypatch):
+    """A slow database or JPEG encoder does not hold up the steps; every report still lands, in order,
+    before the outcome."""
+    settings, store, storage, key_id = service
+    settings = replace(settings, preview_every=1)
+    written: list[tuple[int, bool]] = []
+    real = Store.progress
+
+    def slow_progress(self, task_id, worker, step, total, preview=None):
+        time.sleep(0.1)
+        written.append((step, preview is not None))
+        return real(self, task_id, worker, step, total, preview)
+
+    monkeypatch.setattr(Store, "progress", slow_progress)
+    calls: list[float] = []
+
+    class Timed(SolidEngine):
+        def generate(self, request, progress=None, should_cancel=None):
+            def timed(step, total, preview):
+                started = time.perf_counter()
+                progress(step, total, preview)
+                calls.append(time.perf_counter() - started)
+            return super().generate(request, timed, should_cancel)
+
+    tid = submit(store, key_id, num_images=1, num_inference_steps=4)
+    worker = Worker(settings, store, storage, lambda: Timed())
+    run_until(worker, lambda: store.get_task(tid)["status"] == "completed")
+    assert len(calls) == 4 and max(calls) < 0.05, calls  # the loop never waited for a 0.1 s write
+    assert [step for step, _ in written] == [1, 2, 3, 4]  # rate limit aside, each preview step reported
+    assert [p for _, p in written] == [True, True, True, False]  # no preview of the last step
+    row = store.get_task(tid)
+    assert row["progress_step"] == row["progress_total"] == 4

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Protocol
 
@@ -240,20 +241,37 @@ class Worker:
         canceled = threading.Event()
         every = self.settings.preview_every
 
+        # Progress rows and preview JPEGs are written by this thread, off the denoising loop, in order.
+        reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"progress-{tid[:8]}")
+
+        def report(step: int, total: int, picture: Image.Image | None) -> None:
+            if canceled.is_set() or lost.is_set():
+                return  # the task is stopping: its progress is moot
+            image = None
+            if picture is not None:
+                try:
+                    image = preview_data_uri(picture, self.settings.preview_size)
+                except Exception:  # a preview is a nicety: its failure must not fail the task
+                    log.exception("task %s: preview at step %d failed", tid, step)
+            try:
+                if self.store.progress(tid, self.id, step, total, image):
+                    canceled.set()
+            except SQLAlchemyError as err:  # the database may be back for the next report
+                log.warning("task %s: progress at step %d not recorded (%s)", tid, step, err)
+
         def progress(step: int, total: int, preview) -> None:
             now = time.monotonic()
             # A preview every `every` steps (not of the last: the images follow at once); plain progress at
-            # most 4 times a second.
-            image = None
+            # most 4 times a second. The loop only fetches the small picture; the rest happens in `report`.
+            picture = None
             if every > 0 and step % every == 0 and step < total:
                 try:
-                    image = preview_data_uri(preview(), self.settings.preview_size)
-                except Exception:  # a preview is a nicety: its failure must not fail the task
+                    picture = preview()
+                except Exception:
                     log.exception("task %s: preview at step %d failed", tid, step)
-            if image is not None or step == total or now - last_report[0] >= 0.25:
+            if picture is not None or step == total or now - last_report[0] >= 0.25:
                 last_report[0] = last_check[0] = now
-                if self.store.progress(tid, self.id, step, total, image):
-                    canceled.set()
+                reporter.submit(report, step, total, picture)
 
         def should_cancel() -> bool:
             if lost.is_set():
@@ -271,8 +289,11 @@ class Worker:
         try:
             references = [self.storage.get(key) for key in task["references"]]
             started = time.perf_counter()
-            result = self.engine.generate(build_request(task, references), progress=progress,
-                                          should_cancel=should_cancel)
+            try:
+                result = self.engine.generate(build_request(task, references), progress=progress,
+                                              should_cancel=should_cancel)
+            finally:
+                reporter.shutdown(wait=True)  # the last progress is recorded before the outcome
             inference_ms = int((time.perf_counter() - started) * 1000)
             fmt = task["input"]["output_format"]
             keys = []
