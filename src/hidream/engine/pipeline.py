@@ -16,6 +16,7 @@ from hidream.engine import images as img
 from hidream.engine.checkpoint import load_model
 from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, choose_variant, load_spec, recipe_for
 from hidream.engine.errors import CheckpointError, InvalidRequestError
+from hidream.engine.host import keep_freed_memory
 from hidream.engine.model import HiDreamO1, VisualInjection
 from hidream.engine.sampling import Conditioning, Denoiser, Mode, denoise
 from hidream.engine.schedulers import (
@@ -193,6 +194,8 @@ class Engine:
             raise CheckpointError(f"{path}: no such checkpoint directory")
         device = resolve_device(device)
         precision = resolve_precision(precision, dtype, device)
+        if device.type == "cpu":
+            keep_freed_memory()
         spec = load_spec(path)
         tokenizer, processor = _load_processors(path)
         encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
