@@ -187,21 +187,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.text.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(spec.text.hidden_size, eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend, keep: int | None = None) -> Tensor:
         """h: [B, S, hidden] (the residual stream, in its own dtype) -> the same, one layer on.
 
-        q/k/v reach attention in the projections' dtype: with bf16 weights under a float32 stream
-        that is the official "fp32" mode's bf16 attention; otherwise a no-op.
+        keep: only the first `keep` tokens' outputs are wanted ([B, keep, hidden]); every token's
+        keys and values are still attended to. q/k/v reach attention in the projections' dtype: with
+        bf16 weights under a float32 stream that is the official "fp32" mode's bf16 attention.
         """
         attn = self.self_attn
         dtype = attn.o_proj.weight.dtype
         q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
-        o = attend(q.to(dtype), k.to(dtype), v.to(dtype))  # [B, S, H, D]
+        if keep is not None:
+            q, h = q[:, :keep], h[:, :keep]
+        o = attend(q.to(dtype), k.to(dtype), v.to(dtype))  # [B, S or keep, H, D]
         h = h + attn.o_proj(o.flatten(2))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-LayerFn = Callable[[DecoderLayer, Tensor, Tensor, Tensor, Attend], Tensor]
+LayerFn = Callable[..., Tensor]  # DecoderLayer.forward(layer, h, cos, sin, attend, keep=None), maybe compiled
 
 
 class TextModel(nn.Module):
@@ -360,12 +363,18 @@ class HiDreamO1(nn.Module):
         buffer.keys[-1].copy_(k)
         buffer.values[-1].copy_(v)
 
-    def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer]) -> Tensor:
-        """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself."""
+    def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer],
+                           keep: int | None = None) -> Tensor:
+        """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself.
+
+        keep: the last layer computes only the first `keep` tokens' outputs (the timestep token and
+        the target's patches; the references' are never read) -> [B, keep, hidden].
+        """
         sk, sv = [b.scratch_keys for b in buffers], [b.scratch_values for b in buffers]
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], sk, sv)
-            h = self.step_layer(layer, h, cos, sin, attend)
+            h = self.step_layer(layer, h, cos, sin, attend, keep if i == last else None)
         return h
 
     def forward_full(self, h: Tensor, cos: Tensor, sin: Tensor, text_len: int,

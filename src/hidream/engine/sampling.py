@@ -81,7 +81,8 @@ class Denoiser:
             n = len(rows)
             gen = self.model.embed_generation(t.reshape(1).expand(n).to(self.device), patches.expand(n, -1, -1))
             if buffers is not None:
-                h = self.model.forward_generation(gen, cos, sin, buffers)[:, 1:1 + cond.target_len]
+                keep = 1 + cond.target_len if cond.refs is not None else None
+                h = self.model.forward_generation(gen, cos, sin, buffers, keep)[:, 1:1 + cond.target_len]
             else:
                 (i,) = rows
                 text = cond.text_embeds[i]
