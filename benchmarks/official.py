@@ -48,10 +48,14 @@ CASES: dict[str, dict] = {
     "edit_keep": {"width": 2048, "height": 2048, "refs": [(1344, 1728)], "keep_original_aspect": True,
                   "shift": 3.0, "label": "edit, keep_original_aspect"},
 }
-# Each worker's first request, not measured: the largest case (an edit with keep_original_aspect, both
-# guidance branches) for one step, so that the first measured case does not pay for first-use costs
-# (the allocator's growth, lazy imports, kernel selection).
-WARMUP_CASE, WARMUP_STEPS = "edit_keep", 1
+# Each worker's first request, not measured: the run's first case for one step (both guidance branches),
+# so that the first measured case does not pay for first-use costs (lazy imports, kernel selection). Not a
+# larger one: the engine keeps freed memory for reuse (glibc tuned at load), so a large warm-up would
+# set its peak for every smaller case. The cases run from the smallest sequence to the largest.
+WARMUP_STEPS = 1
+# glibc settings that the engine applies to its own process at load (hidream.engine.host), for
+# --official-malloc-like-ours: freed large blocks kept for reuse rather than returned and faulted in again.
+OURS_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_TOP_PAD_": str(64 << 20)}
 
 # The scaled checkpoint's decoder. intermediate_size is 3x hidden, as in the published model.
 SCALED_TEXT = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -359,6 +363,8 @@ class Worker:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TQDM_DISABLE="1")
+        if side == "official" and args.official_malloc_like_ours:
+            env.update(OURS_MALLOC_ENV)
         if pythonpath is not None:  # ahead of the editable install's .pth entry
             env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
         self.side = side
@@ -454,7 +460,7 @@ def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Names
     try:
         for side, python in (("official", args.official_python), ("ours", sys.executable)):
             t = time.perf_counter()
-            warmup = case_request(WARMUP_CASE, WARMUP_STEPS, refs) | {"out": str(workdir / f"{kind}-warmup-{side}.png")}
+            warmup = case_request(args.cases[0], WARMUP_STEPS, refs) | {"out": str(workdir / f"{kind}-warmup-{side}.png")}
             sides[side] = Worker(side, python, checkpoint, args, log, warmup, ours_path if side == "ours" else None)
             print(f"[{kind}] {side} worker ready in {time.perf_counter() - t:.1f} s "
                   f"({', '.join(f'{k} {v}' for k, v in sides[side].info.items() if k not in ('ready', 'load_s', 'kernels', 'warmup'))}; "
@@ -523,7 +529,8 @@ def run_driver(args: argparse.Namespace) -> int:
     log_path = workdir / "workers.log"
     report = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype,
               "steps": args.steps, "guidance": GUIDANCE, "repeats": args.repeats, "engine": engine,
-              "official_src": str(args.official_src), "workers": {}, "rows": []}
+              "official_src": str(args.official_src), "official_malloc_like_ours": args.official_malloc_like_ours,
+              "workers": {}, "rows": []}
     with log_path.open("a") as log:
         for kind in args.checkpoints:
             checkpoint = workdir / f"{kind}-checkpoint"
@@ -534,7 +541,8 @@ def run_driver(args: argparse.Namespace) -> int:
             report["rows"] += rows
     report["seconds"] = time.perf_counter() - started
     print(f"engine {report['engine']}; {report['dtype']}, {args.threads} thread(s), {args.steps} steps, "
-          f"guidance {GUIDANCE:g}, seed {SEED}, best of {args.repeats} run(s) per side; "
+          f"guidance {GUIDANCE:g}, seed {SEED}, best of {args.repeats} run(s) per side"
+          f"{'; the official process with our malloc settings' if args.official_malloc_like_ours else ''}; "
           f"{report['seconds']:.0f} s in all (images and worker logs in {workdir})")
     print_table(report["rows"])
     if args.json:
@@ -550,7 +558,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-commit", metavar="REV", help="run our engine as of this commit (its src/, exported "
                    "with git archive) instead of the working tree's")
     p.add_argument("--checkpoints", nargs="+", choices=("demo", "scaled"), default=["demo", "scaled"])
-    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES),
+                   help="in this order (default: all, smallest sequence first)")
+    p.add_argument("--official-malloc-like-ours", action="store_true",
+                   help="give the official process the glibc malloc settings the engine sets for itself")
     p.add_argument("--steps", type=int, default=3, help="UniPC steps per image (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="runs per case and side, alternating which goes first; the best is reported")
