@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine benchmarks quoted in docs/benchmarks.md. Run from the repository root.
 #   benchmarks/engine.sh          CPU figures on the demo checkpoint
-#   benchmarks/engine.sh gpu      adds the full-size configuration (random bf16 weights) on CUDA
+#   (the GPU figures: benchmarks/gpu.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap"
@@ -12,7 +12,3 @@ model="${HIDREAM_BENCH_MODEL:-$(mktemp -d)/demo-model}"
 "$hidream" bench --model "$model" --device cpu --size 1024x1024 --steps 10
 "$hidream" bench --model "$model" --device cpu --size 512x512 --steps 10 --refs 2
 "$hidream" bench --model "$model" --device cpu --size 512x512 --steps 10 --refs 10
-if [ "${1:-}" = "gpu" ]; then
-    "$hidream" bench --config full --device cuda --size 2048x2048 --steps 50 --guidance 5
-    "$hidream" bench --config full --device cuda --size 2048x2048 --steps 50 --guidance 5 --refs 1
-fi
