@@ -95,9 +95,9 @@ def test_image_diff_and_table(bench, tmp_path: Path, capsys) -> None:
     Image.fromarray(pixels).save(b)
     diff = bench.image_diff(a, b)
     assert diff["max_abs_diff"] == 3 and diff["mean_abs_diff"] == pytest.approx(3 / 48)
-    side = {"cpu_s": 2.0, "wall_s": 2.0, "peak_bytes": 2**30, "rss_before_bytes": 2**29}
+    side = {"cpu_s": 2.0, "user_s": 1.5, "wall_s": 2.0, "peak_bytes": 2**30, "rss_before_bytes": 2**29}
     bench.print_table([{"checkpoint": "demo", "label": "text-to-image", "steps": 3, "size": "2048x2048", "official": side,
-                        "ours": side | {"cpu_s": 1.0}, "ratio_cpu": 2.0, "ratio_wall": 1.0, "ratio_peak": 1.0,
+                        "ours": side | {"cpu_s": 1.0, "user_s": 0.5}, "ratio_cpu": 2.0, "ratio_wall": 1.0, "ratio_peak": 1.0,
                         **diff}])
-    assert ("| demo | text-to-image, 3 steps | 2048x2048 | 2.00 (2.00) | 1.00 (2.00) | 2.00x | 1.00x | 1.00 (+0.50) | "
+    assert ("| demo | text-to-image, 3 steps | 2048x2048 | 2.00 (2.00) | 1.00 (2.00) | 2.00x | 3.00x | 1.00x | 1.00 (+0.50) | "
             "1.00 (+0.50) | 1.00x | 3 / 0.0625 |") in capsys.readouterr().out
