@@ -16,15 +16,30 @@ becomes the checkpoint tokenizer's; and for float32 its hard-coded bf16 (casts a
 run's dtype. No file of the checkout is changed.
 
 The checkpoints: `demo` (what `hidream demo-model` writes) and `scaled`, the demo layout with a
-wider decoder (hidden 512, 8 layers, 8 attention heads, 4 key/value heads, head_dim 64), random weights.
+wider decoder (hidden 512, 8 layers, 8 attention heads, 4 key/value heads, head_dim 64), random weights;
+and `full`, the published 8B shape with random bf16 weights (~16.4 GB in ~2 GB shards, made on --device).
+
+On a GPU (benchmarks/gpu.sh's last step):
+
+    official.py --official-src DIR --official-python PY --device cuda --checkpoints full \
+        --size 2048x2048 --steps 50 --guidance 5 --json FILE
+
+bf16 by default; the official code keeps its own bf16 and autocast, and its flash-attention function where
+flash-attn is installed (else SDPA, as on the CPU). The figures are wall seconds per image and per step (the
+median of per-step times, each side waiting for the device after every step) and the peak of
+torch.cuda.max_memory_allocated, reset per case in each side's process. If the official code does not
+import under PY, one line says why and the exit code is 1, before any checkpoint is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,7 +101,7 @@ def official_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
     with torch.device("meta"):
-        base = Qwen3VLModel(Qwen3VLConfig.from_dict(raw))
+        base = Qwen3VLModel(Qwen3VLConfig.from_dict(copy.deepcopy(raw)))  # from_dict changes its dict
     shapes = {f"model.{k}": tuple(v.shape) for k, v in base.state_dict().items()}
     hidden, vocab = raw["text_config"]["hidden_size"], raw["text_config"]["vocab_size"]
     shapes.update({
@@ -100,15 +115,61 @@ def official_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_scaled_checkpoint(directory: str | Path, seed: int = 0, text: dict | None = None) -> Path:
-    """Write the scaled checkpoint (official layout, random bf16 weights) into `directory` and return it.
+def _random_tensor(name: str, shape: tuple[int, ...], gen, device):
+    """Norm weights 1, biases 0; every other tensor normal with std 1/sqrt(fan_in), except the output head
+    (std 0.02, as in the demo checkpoint, so the random x0 stays near the pixel range). bf16."""
+    import torch
 
-    Norm weights are 1 and biases 0; every other tensor is normal with std 1/sqrt(fan_in), except the
-    output head (std 0.02, as in the demo checkpoint, so the random x0 stays near the pixel range).
-    """
+    if name.endswith(".bias"):
+        t = torch.zeros(shape, device=device)
+    elif "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
+        t = torch.ones(shape, device=device)
+    else:
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        std = 0.02 if name == "model.final_layer2.linear.weight" else fan_in ** -0.5
+        t = torch.randn(shape, generator=gen, device=device) * std
+    return t.to(torch.bfloat16).contiguous()
+
+
+def write_random_weights(raw: dict, out: Path, seed: int = 0, device: str = "cpu",
+                         shard_bytes: int | None = None) -> None:
+    """The official layout's tensors for config.json `raw`, random (see _random_tensor), made on `device`
+    with a seeded generator, into model.safetensors, or shards of about `shard_bytes` with an index (each
+    shard moved to the CPU and written before the next is made, so host memory stays about one shard)."""
     import torch
     from safetensors.torch import save_file
 
+    shapes = sorted(official_shapes(raw).items())
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = 2 * math.prod(shape)
+        if shard_bytes and groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    gen = torch.Generator(device).manual_seed(seed)
+    meta = {"format": "pt"}
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, start=1):
+        tensors = {name: _random_tensor(name, shape, gen, device).cpu() for name, shape in group}
+        file = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, str(out / file), metadata=meta)
+        weight_map.update({k: file for k in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def write_scaled_checkpoint(directory: str | Path, seed: int = 0, text: dict | None = None) -> Path:
+    """Write the scaled checkpoint (official layout, random bf16 weights) into `directory` and return it."""
     from hidream.engine.demo import VISION
     from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
 
@@ -119,33 +180,45 @@ def write_scaled_checkpoint(directory: str | Path, seed: int = 0, text: dict | N
     raw = scaled_config(token_ids, vocab_size, text)
     write_demo_processor_config(out, patch_size=VISION["patch_size"], merge_size=VISION["spatial_merge_size"],
                                 temporal_patch_size=VISION["temporal_patch_size"])
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in sorted(official_shapes(raw).items()):
-        if name.endswith(".bias"):
-            t = torch.zeros(shape)
-        elif "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
-            t = torch.ones(shape)
-        else:
-            fan_in = 1
-            for d in shape[1:]:
-                fan_in *= d
-            std = 0.02 if name == "model.final_layer2.linear.weight" else fan_in ** -0.5
-            t = torch.randn(shape, generator=gen) * std
-        tensors[name] = t.to(torch.bfloat16).contiguous()
-    for old in out.glob("model*.safetensors*"):
-        old.unlink()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_random_weights(raw, out, seed)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")  # last: complete
     return out
 
 
-def write_checkpoint(kind: str, directory: Path) -> Path:
+def write_full_checkpoint(directory: str | Path, seed: int = 0, device: str = "cpu", shard_bytes: int = 2 << 30,
+                          _text: dict | None = None, _vision: dict | None = None) -> Path:
+    """Write the full checkpoint: the published 8B shape (hidream.engine.demo.full_config, the demo tokenizer
+    and processor files), random bf16 weights made on `device` (fast on a GPU), in shards of ~2 GB.
+
+    _text/_vision: overrides of the config's text/vision parts, for tests (a tiny model of the same layout).
+    """
+    from hidream.engine.demo import VISION, full_config
+    from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = full_config(write_demo_tokenizer(out))
+    raw["text_config"].update(_text or {})
+    raw["vision_config"].update(_vision or {})
+    raw["vision_config"]["out_hidden_size"] = raw["text_config"]["hidden_size"]
+    write_demo_processor_config(out, patch_size=VISION["patch_size"], merge_size=VISION["spatial_merge_size"],
+                                temporal_patch_size=VISION["temporal_patch_size"])
+    write_random_weights(raw, out, seed, device, shard_bytes)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")  # last: complete
+    return out
+
+
+def write_checkpoint(kind: str, directory: Path, device: str = "cpu") -> Path:
+    """Write checkpoint `kind` into `directory`; complete only once its config.json is there (written last)."""
     if kind == "demo":
         from hidream.engine.demo import write_demo_checkpoint
 
-        return write_demo_checkpoint(directory, seed=0)
-    return write_scaled_checkpoint(directory, seed=0)
+        path = write_demo_checkpoint(directory, seed=0)
+    elif kind == "full":
+        path = write_full_checkpoint(directory, seed=0, device=device)
+    else:
+        path = write_scaled_checkpoint(directory, seed=0)
+    return path
 
 
 def write_references(directory: Path) -> dict[tuple[int, int], Path]:
@@ -183,18 +256,31 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _measure(run) -> tuple[object, dict]:
+def _measure(run, device: str = "cpu") -> tuple[object, dict]:
+    """Run `run()` and measure it. On CUDA also the peak of torch.cuda.max_memory_allocated (reset first)
+    and the memory allocated when the case started (gpu_peak_bytes, gpu_before_bytes)."""
     import gc
     import resource
 
     gc.collect()
+    gpu = {}
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        gpu["gpu_before_bytes"] = torch.cuda.memory_allocated()
     _peak_reset()
     rss_before = _status_kib("VmRSS")
     usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     image = run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        gpu["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
     user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
-    return image, {"cpu_s": user + system, "user_s": user, "sys_s": system, "wall_s": wall,
+    return image, {**gpu, "cpu_s": user + system, "user_s": user, "sys_s": system, "wall_s": wall,
                    "peak_bytes": _status_kib("VmHWM") * 1024, "rss_before_bytes": rss_before * 1024,
                    "major_faults": after.ru_majflt - usage.ru_majflt, "minor_faults": after.ru_minflt - usage.ru_minflt}
 
@@ -202,10 +288,11 @@ def _measure(run) -> tuple[object, dict]:
 class _OursSide:
     """Our engine, through its public API only."""
 
-    def __init__(self, checkpoint: Path, dtype) -> None:
+    def __init__(self, checkpoint: Path, dtype, device: str = "cpu") -> None:
         from hidream.engine.pipeline import Engine
 
-        self.engine = Engine.load(checkpoint, device="cpu", dtype=dtype)
+        self.device, self.step_seconds = device, []
+        self.engine = Engine.load(checkpoint, device=device, dtype=dtype)
 
     def generate(self, case: dict):
         from hidream.engine.pipeline import GenerationRequest
@@ -215,7 +302,11 @@ class _OursSide:
                                 keep_original_aspect=case["keep_original_aspect"], steps=case["steps"],
                                 guidance=case["guidance"], shift=case["shift"], seed=case["seed"],
                                 scheduler="unipc")
-        return self.engine.generate(req, mode="cached").images[0]
+        # Per-step times (the engine waits for the device after each step) only on CUDA: the CPU figures
+        # stay those of a plain run.
+        result = self.engine.generate(req, mode="cached", timings=self.device == "cuda")
+        self.step_seconds = list(result.step_seconds)
+        return result.images[0]
 
     @staticmethod
     def versions() -> dict:
@@ -252,10 +343,36 @@ def _sdpa_as_flash(q, k, v, softmax_scale=None, causal=False):
     return out.transpose(1, 2)
 
 
-class _OfficialSide:
-    """The official pipeline from a checkout, patched at run time for the CPU (see the module docstring)."""
+class _StepClock:
+    """The `tqdm` module as the official pipeline sees it: its step loop's iterator, timed per step (waiting
+    for the device before each tick). Its only use of tqdm is that loop."""
 
-    def __init__(self, checkpoint: Path, dtype, source: Path) -> None:
+    def __init__(self, device: str) -> None:
+        self.device, self.step_seconds = device, []
+
+    def tqdm(self, iterable, **_):
+        import torch
+
+        def ticks():
+            self.step_seconds = []
+            for item in iterable:
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                yield item
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                self.step_seconds.append(time.perf_counter() - start)
+
+        return ticks()
+
+
+class _OfficialSide:
+    """The official pipeline from a checkout, patched at run time (see the module docstring). On CUDA in
+    bf16 its own dtype handling and autocast stay as they are, and so does its flash-attention function
+    when flash-attn is installed; otherwise that becomes SDPA."""
+
+    def __init__(self, checkpoint: Path, dtype, source: Path, device: str = "cpu") -> None:
         import torch
 
         sys.path.insert(0, str(source))
@@ -264,20 +381,29 @@ class _OfficialSide:
         import models.qwen3_vl_transformers as qwen
         from transformers import AutoProcessor
 
-        qwen._flash_attn_func = _sdpa_as_flash
-        qwen.torch = _DtypeTorch(torch, dtype)  # the q/k/v casts before its flash calls
-        pipeline.torch = _DtypeTorch(torch, dtype)  # its dtype, noise, reference patches and autocast
+        if device == "cpu" or dtype != torch.bfloat16 or qwen._flash_attn_func is None:
+            qwen._flash_attn_func = _sdpa_as_flash
+        if dtype != torch.bfloat16:  # (for bf16 _DtypeTorch would change nothing)
+            qwen.torch = _DtypeTorch(torch, dtype)  # the q/k/v casts before its flash calls
+            pipeline.torch = _DtypeTorch(torch, dtype)  # its dtype, noise, reference patches and autocast
+        self.clock = pipeline.tqdm = _StepClock(device)
+        self.attention = "flash-attn" if qwen._flash_attn_func is not _sdpa_as_flash else "SDPA"
         self.generate_image = pipeline.generate_image
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         tokenizer = inference.get_tokenizer(self.processor)
         inference.add_special_tokens(tokenizer)
+        placement = {"device_map": device} if device != "cpu" else {}
         model, info = qwen.Qwen3VLForConditionalGeneration.from_pretrained(
-            str(checkpoint), dtype=dtype, output_loading_info=True)
+            str(checkpoint), dtype=dtype, output_loading_info=True, **placement)
         problems = {k: v for k, v in info.items() if v}
         if problems:
             raise RuntimeError(f"the official model did not load {checkpoint} cleanly: {problems}")
         model.model.tms_token_id = tokenizer.convert_tokens_to_ids("<|tms_token|>")  # 151673 in the code
         self.model = model.eval()
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return self.clock.step_seconds
 
     def generate(self, case: dict):
         return self.generate_image(
@@ -294,6 +420,9 @@ class _OfficialSide:
 
         return {"torch": torch.__version__, "transformers": transformers.__version__,
                 "diffusers": diffusers.__version__}
+
+    def describe(self) -> dict:
+        return {"attention": self.attention}
 
 
 def kernel_check() -> dict:
@@ -327,27 +456,46 @@ def run_worker(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device cuda: torch {torch.__version__} here sees no CUDA device")
         if args.worker == "ours":
-            side = _OursSide(Path(args.checkpoint), dtype)
+            side = _OursSide(Path(args.checkpoint), dtype, args.device)
         else:
-            side = _OfficialSide(Path(args.checkpoint), dtype, Path(args.official_src))
+            side = _OfficialSide(Path(args.checkpoint), dtype, Path(args.official_src), args.device)
     except Exception:
+        traceback.print_exc()
         replies.write(json.dumps({"error": traceback.format_exc()}) + "\n")
         return 1
+    extra = side.describe() if hasattr(side, "describe") else {}
+    if args.device == "cuda":
+        extra["gpu"] = torch.cuda.get_device_name()
     replies.write(json.dumps({"ready": True, "load_s": time.perf_counter() - started,
-                              "threads": torch.get_num_threads(), **side.versions(),
+                              "threads": torch.get_num_threads(), **side.versions(), **extra,
                               "kernels": kernel_check()}) + "\n")
     for line in sys.stdin:
         case = json.loads(line)
         if case.get("quit"):
             break
         try:
-            image, figures = _measure(lambda case=case: side.generate(case))
+            image, figures = _measure(lambda case=case: side.generate(case), args.device)
             image.save(case["out"])
+            steps = list(side.step_seconds)
+            if steps:
+                figures |= {"step_seconds": steps, "step_median_s": statistics.median(steps)}
             replies.write(json.dumps({**figures, "width": image.width, "height": image.height}) + "\n")
         except Exception:
+            traceback.print_exc()
             replies.write(json.dumps({"error": traceback.format_exc()}) + "\n")
     return 0
+
+
+class WorkerError(RuntimeError):
+    """A worker's failure: its traceback (also in the workers' log), and a one-line summary."""
+
+    def __init__(self, side: str, trace: str) -> None:
+        lines = [line for line in trace.strip().splitlines() if line.strip()]
+        self.side, self.trace, self.summary = side, trace, lines[-1].strip() if lines else "unknown error"
+        super().__init__(f"the {side} worker failed: {self.summary}")
 
 
 class Worker:
@@ -356,7 +504,7 @@ class Worker:
     def __init__(self, side: str, python: str, checkpoint: Path, args: argparse.Namespace, log,
                  warmup: dict, pythonpath: Path | None = None) -> None:
         cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--checkpoint", str(checkpoint),
-               "--threads", str(args.threads), "--dtype", args.dtype]
+               "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device]
         if side == "official":
             cmd += ["--official-src", str(args.official_src)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -378,7 +526,7 @@ class Worker:
             raise RuntimeError(f"the {self.side} worker exited (code {self.proc.wait()}); see its log")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"the {self.side} worker failed:\n{reply['error']}")
+            raise WorkerError(self.side, reply["error"])
         return reply
 
     def run(self, case: dict) -> dict:
@@ -443,12 +591,22 @@ def engine_source(rev: str | None, workdir: Path) -> tuple[Path | None, str]:
 
 
 FIGURES = ("cpu_s", "user_s", "sys_s", "wall_s", "peak_bytes", "rss_before_bytes", "minor_faults")
+GPU_FIGURES = ("gpu_peak_bytes", "gpu_before_bytes", "step_median_s")
 
 
-def case_request(name: str, steps: int, refs: dict) -> dict:
+def run_cases(args: argparse.Namespace) -> dict[str, dict]:
+    """The cases of this run, in order: with --size, one text-to-image case at that size; else --cases."""
+    if args.size is None:
+        return {name: CASES[name] for name in args.cases}
+    width, height = args.size
+    return {"t2i": dict(CASES["t2i"], width=width, height=height)}
+
+
+def case_request(name: str, steps: int, refs: dict, guidance: float = GUIDANCE,
+                 cases: dict[str, dict] = CASES) -> dict:
     """What a worker gets for a case: the request, in the terms both sides take."""
-    spec = CASES[name]
-    return {"prompt": PROMPT, "seed": SEED, "guidance": GUIDANCE, "steps": steps,
+    spec = cases[name]
+    return {"prompt": PROMPT, "seed": SEED, "guidance": guidance, "steps": steps,
             "width": spec["width"], "height": spec["height"], "shift": spec["shift"],
             "keep_original_aspect": spec["keep_original_aspect"], "ref_paths": [str(refs[s]) for s in spec["refs"]]}
 
@@ -456,20 +614,23 @@ def case_request(name: str, steps: int, refs: dict) -> dict:
 def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Namespace, workdir: Path,
                    log, ours_path: Path | None) -> tuple[dict, list[dict]]:
     sides = {}
+    cases = run_cases(args)
     try:
         for side, python in (("official", args.official_python), ("ours", sys.executable)):
             t = time.perf_counter()
-            warmup = case_request(args.cases[0], WARMUP_STEPS, refs) | {"out": str(workdir / f"{kind}-warmup-{side}.png")}
+            warmup = case_request(next(iter(cases)), WARMUP_STEPS, refs, args.guidance, cases) | {
+                "out": str(workdir / f"{kind}-warmup-{side}.png")}
             sides[side] = Worker(side, python, checkpoint, args, log, warmup, ours_path if side == "ours" else None)
             print(f"[{kind}] {side} worker ready in {time.perf_counter() - t:.1f} s "
                   f"({', '.join(f'{k} {v}' for k, v in sides[side].info.items() if k not in ('ready', 'load_s', 'kernels', 'warmup'))}; "
                   f"kernel check: {', '.join(f'{k} {v:.3f}' for k, v in sides[side].info['kernels'].items())}; "
-                  f"warm-up {sides[side].info['warmup']['cpu_s']:.1f} s CPU)",
+                  f"warm-up {sides[side].info['warmup']['cpu_s']:.1f} s CPU, "
+                  f"{sides[side].info['warmup']['wall_s']:.1f} s wall)",
                   file=sys.stderr, flush=True)
         rows = []
-        for ci, name in enumerate(args.cases):
-            spec = CASES[name]
-            case = case_request(name, args.steps, refs)
+        for ci, name in enumerate(cases):
+            spec = cases[name]
+            case = case_request(name, args.steps, refs, args.guidance, cases)
             runs: dict[str, list[dict]] = {"official": [], "ours": []}
             for r in range(args.repeats):
                 order = ("official", "ours") if (ci + r) % 2 == 0 else ("ours", "official")
@@ -477,21 +638,28 @@ def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Names
                     out = workdir / f"{kind}-{name}-{side}-{r}.png"
                     runs[side].append(sides[side].run({**case, "out": str(out)}) | {"image": str(out)})
                     got = runs[side][-1]
+                    gpu = (f", GPU peak {got['gpu_peak_bytes'] / 2**30:.2f} GiB" if "gpu_peak_bytes" in got else "") + (
+                        f", median step {got['step_median_s']:.3f} s" if "step_median_s" in got else "")
                     print(f"[{kind}] {name} {side} run {r + 1}: {got['cpu_s']:.2f} s CPU, {got['wall_s']:.2f} s "
-                          f"wall, peak {got['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                          f"wall, peak {got['peak_bytes'] / 2**30:.2f} GiB{gpu}", file=sys.stderr, flush=True)
             off, our = runs["official"], runs["ours"]
+            # Each side's run with the least CPU time (on CUDA: wall time): interference only ever adds.
+            best = "wall_s" if args.device == "cuda" else "cpu_s"
+            keep = FIGURES + GPU_FIGURES
             row = {"checkpoint": kind, "case": name, "label": spec["label"], "steps": args.steps,
+                   "guidance": args.guidance, "device": args.device,
                    "size": f"{our[0]['width']}x{our[0]['height']}",
                    "official_size": f"{off[0]['width']}x{off[0]['height']}",
-                   # Each side's run with the least CPU time: interference from other work only ever adds.
-                   "official": {k: min(off, key=lambda x: x["cpu_s"])[k] for k in FIGURES},
-                   "ours": {k: min(our, key=lambda x: x["cpu_s"])[k] for k in FIGURES},
+                   "official": {k: v for k, v in min(off, key=lambda x: x[best]).items() if k in keep},
+                   "ours": {k: v for k, v in min(our, key=lambda x: x[best]).items() if k in keep},
                    "runs": runs, **image_diff(Path(off[0]["image"]), Path(our[0]["image"]))}
             o, u = row["official"], row["ours"]
             row["ratio_cpu"] = o["cpu_s"] / u["cpu_s"]
             row["ratio_wall"] = o["wall_s"] / u["wall_s"]
             row["ratio_user"] = o["user_s"] / u["user_s"]
             row["ratio_peak"] = o["peak_bytes"] / u["peak_bytes"]
+            if "gpu_peak_bytes" in o and "gpu_peak_bytes" in u:
+                row["ratio_gpu_peak"] = o["gpu_peak_bytes"] / u["gpu_peak_bytes"]
             rows.append(row)
         return {side: w.info for side, w in sides.items()}, rows
     finally:
@@ -526,6 +694,39 @@ def print_table(rows: list[dict]) -> None:
               f"{_peak(o)} | {_peak(u)} | {r['ratio_peak']:.2f}x | {diff} |")
 
 
+def print_gpu_table(rows: list[dict]) -> None:
+    """The table of a CUDA run: wall seconds per image and per step (the median of the per-step times, else
+    seconds per image / steps), the peak of torch.cuda.max_memory_allocated per side, and the images' diff."""
+    print("| checkpoint | case | size | official s/image | ours s/image | official/ours | official s/step | "
+          "ours s/step | official peak GiB | ours peak GiB | official/ours peak | images: max / mean abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o, u = r["official"], r["ours"]
+        step = {k: v.get("step_median_s", v["wall_s"] / r["steps"]) for k, v in (("o", o), ("u", u))}
+        gib = {k: v.get("gpu_peak_bytes", 0) / 2**30 for k, v in (("o", o), ("u", u))}
+        diff = "sizes differ" if r["max_abs_diff"] is None else f"{r['max_abs_diff']} / {r['mean_abs_diff']:.4f}"
+        print(f"| {r['checkpoint']} | {r['label']}, {r['steps']} steps, guidance {r.get('guidance', GUIDANCE):g} | "
+              f"{r['size']} | {o['wall_s']:.2f} | {u['wall_s']:.2f} | {r['ratio_wall']:.2f}x | {step['o']:.3f} | "
+              f"{step['u']:.3f} | {gib['o']:.2f} | {gib['u']:.2f} | {r.get('ratio_gpu_peak', float('nan')):.2f}x | "
+              f"{diff} |")
+
+
+def check_official_imports(args: argparse.Namespace) -> str | None:
+    """None when the official code imports under --official-python; else the last line of its error."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch, inference, models.pipeline; "
+            "sys.exit(0 if sys.argv[2] == 'cpu' or torch.cuda.is_available() else 'torch sees no CUDA device')")
+    try:
+        done = subprocess.run([args.official_python, "-c", code, str(args.official_src), args.device],
+                              capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {done.returncode}"
+
+
 def run_driver(args: argparse.Namespace) -> int:
     if args.table:
         report = json.loads(Path(args.table).read_text())
@@ -533,10 +734,13 @@ def run_driver(args: argparse.Namespace) -> int:
             for side in ("official", "ours"):
                 best = min(row["runs"][side], key=lambda x: x["cpu_s"])
                 row[side] |= {k: best[k] for k in FIGURES if k in best and k not in row[side]}
-        print_table(report["rows"])
+        (print_gpu_table if report.get("device") == "cuda" else print_table)(report["rows"])
         return 0
     if not args.official_src or not (Path(args.official_src) / "models" / "pipeline.py").is_file():
         sys.exit("--official-src: a checkout of HiDream-ai/HiDream-O1-Image is needed (models/pipeline.py)")
+    problem = check_official_imports(args)  # before writing any checkpoint (16 GB for `full`)
+    if problem:
+        return fail(args, f"official.py: the official code does not import under {args.official_python}: {problem}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hidream-official-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -544,26 +748,51 @@ def run_driver(args: argparse.Namespace) -> int:
     ours_path, engine = engine_source(args.ours_commit, workdir)
     log_path = workdir / "workers.log"
     report = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype,
-              "steps": args.steps, "guidance": GUIDANCE, "repeats": args.repeats, "engine": engine,
+              "device": args.device, "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
+              "engine": engine,
               "official_src": str(args.official_src), "official_malloc_like_ours": args.official_malloc_like_ours,
               "workers": {}, "rows": []}
     with log_path.open("a") as log:
         for kind in args.checkpoints:
             checkpoint = workdir / f"{kind}-checkpoint"
             if not (checkpoint / "config.json").is_file():
-                write_checkpoint(kind, checkpoint)
-            info, rows = run_checkpoint(kind, checkpoint, refs, args, workdir, log, ours_path)
+                t = time.perf_counter()
+                write_checkpoint(kind, checkpoint, args.device)
+                print(f"[{kind}] checkpoint written to {checkpoint} in {time.perf_counter() - t:.1f} s",
+                      file=sys.stderr, flush=True)
+            try:
+                info, rows = run_checkpoint(kind, checkpoint, refs, args, workdir, log, ours_path)
+            except WorkerError as err:
+                return fail(args, f"official.py: [{kind}] {err} (traceback in {log_path})")
             report["workers"][kind] = info
             report["rows"] += rows
     report["seconds"] = time.perf_counter() - started
-    print(f"engine {report['engine']}; {report['dtype']}, {args.threads} thread(s), {args.steps} steps, "
-          f"guidance {GUIDANCE:g}, seed {SEED}, best of {args.repeats} run(s) per side"
+    print(f"engine {report['engine']}; {args.device}, {report['dtype']}, {args.threads} thread(s), {args.steps} steps, "
+          f"guidance {args.guidance:g}, seed {SEED}, best of {args.repeats} run(s) per side"
           f"{'; the official process with our malloc settings' if args.official_malloc_like_ours else ''}; "
           f"{report['seconds']:.0f} s in all (images and worker logs in {workdir})")
-    print_table(report["rows"])
+    (print_gpu_table if args.device == "cuda" else print_table)(report["rows"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def fail(args: argparse.Namespace, message: str) -> int:
+    """Print `message` (one line), write it to --json as the report's error, and return the exit code 1."""
+    print(message, file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"error": message, "device": args.device}, indent=2) + "\n")
+    return 1
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 2048x2048") from None
+    if width <= 0 or height <= 0 or width % 32 or height % 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32")
+    return width, height
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -573,22 +802,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the Python of the official code's environment (default: this one)")
     p.add_argument("--ours-commit", metavar="REV", help="run our engine as of this commit (its src/, exported "
                    "with git archive) instead of the working tree's")
-    p.add_argument("--checkpoints", nargs="+", choices=("demo", "scaled"), default=["demo", "scaled"])
+    p.add_argument("--checkpoints", nargs="+", choices=("demo", "scaled", "full"), default=["demo", "scaled"],
+                   help="full: the published 8B shape with random bf16 weights, ~16.4 GB written to --workdir "
+                        "(made on --device; for --device cuda)")
     p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES),
                    help="in this order (default: all, smallest sequence first)")
+    p.add_argument("--size", type=parse_size, metavar="WxH",
+                   help="instead of --cases, one text-to-image case at this size (e.g. 2048x2048)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"guidance scale (default {GUIDANCE:g})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="both sides on this device (default cpu); on cuda the figures are wall time and the "
+                        "peak of torch.cuda.max_memory_allocated")
     p.add_argument("--official-malloc-like-ours", action="store_true",
                    help="give the official process the glibc malloc settings the engine sets for itself")
     p.add_argument("--steps", type=int, default=3, help="UniPC steps per image (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="runs per case and side, alternating which goes first; the best is reported")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="on both sides (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--workdir", help="checkpoints, reference images, output images and worker logs "
                                      "(default: a new temporary directory; checkpoints in it are reused)")
     p.add_argument("--json", help="also write the full report here")
     p.add_argument("--table", metavar="JSON", help="print the table of a report written by --json, and stop")
     p.add_argument("--worker", choices=("ours", "official"), help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

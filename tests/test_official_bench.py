@@ -101,3 +101,59 @@ def test_image_diff_and_table(bench, tmp_path: Path, capsys) -> None:
                         **diff}])
     assert ("| demo | text-to-image, 3 steps | 2048x2048 | 2.00 (2.00) | 1.00 (2.00) | 2.00x | 3.00x | 1.00x | 1.00 (+0.50) | "
             "1.00 (+0.50) | 1.00x | 3 / 0.0625 |") in capsys.readouterr().out
+
+
+def test_full_checkpoint_writer_shards_and_loads(bench, tmp_path: Path) -> None:
+    """The full checkpoint's writer, on a tiny text/vision override of the published config: shards with an
+    index, the published vocabulary, and a checkpoint that Engine.load (which checks every name and shape) takes."""
+    from hidream.engine.demo import FULL_VOCAB
+    from hidream.engine.pipeline import Engine, GenerationRequest
+
+    text = dict(bench.SCALED_TEXT, hidden_size=64, num_hidden_layers=2, intermediate_size=192, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rope_scaling={"mrope_interleaved": True, "mrope_section": [4, 2, 2],
+                                                                  "rope_type": "default"})
+    vision = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "deepstack_visual_indexes": [0]}
+    ckpt = bench.write_full_checkpoint(tmp_path / "full", shard_bytes=8 << 20, _text=text, _vision=vision)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["text_config"]["vocab_size"] == FULL_VOCAB and raw["vision_config"]["out_hidden_size"] == 64
+    assert "rope_theta" not in raw["text_config"]["rope_scaling"]  # as written, not as transformers rewrote it
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (ckpt / "model.safetensors").exists()
+    for file in files:
+        with safe_open(str(ckpt / file), "pt") as f:
+            assert {index["weight_map"][k] for k in f.keys()} == {file}
+    engine = Engine.load(ckpt, device="cpu")
+    image = engine.generate(GenerationRequest("a red square", width=64, height=64, steps=1, guidance=2.0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_gpu_mode_options(bench) -> None:
+    args = bench.parse_args(["--device", "cuda", "--checkpoints", "full", "--size", "2048x1024", "--steps", "50",
+                             "--guidance", "5"])
+    assert (args.device, args.dtype, args.checkpoints, args.size, args.steps, args.guidance) == (
+        "cuda", "bfloat16", ["full"], (2048, 1024), 50, 5.0)
+    assert bench.run_cases(args) == {"t2i": dict(bench.CASES["t2i"], width=2048, height=1024)}
+    cpu = bench.parse_args([])
+    assert (cpu.device, cpu.dtype, cpu.size, cpu.guidance) == ("cpu", "float32", None, bench.GUIDANCE)
+    assert list(bench.run_cases(cpu)) == list(bench.CASES)
+    assert bench.parse_args(["--device", "cuda", "--dtype", "float32"]).dtype == "float32"
+    for bad in ("2048", "2048x100", "axb"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--size", bad])
+    request = bench.case_request("t2i", 50, {}, 5.0, bench.run_cases(args))
+    assert (request["width"], request["height"], request["guidance"], request["steps"]) == (2048, 1024, 5.0, 50)
+
+
+def test_official_import_failure_is_one_line(bench, tmp_path: Path, capsys) -> None:
+    """An official checkout that does not import: a one-line message and exit code 1, before any checkpoint."""
+    src = tmp_path / "src"
+    (src / "models").mkdir(parents=True)
+    (src / "models" / "pipeline.py").write_text("")
+    (src / "inference.py").write_text("raise ImportError('needs transformers 4.57')\n")
+    report = tmp_path / "report.json"
+    code = bench.main(["--official-src", str(src), "--workdir", str(tmp_path / "work"), "--json", str(report)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "ImportError: needs transformers 4.57" in err
+    assert json.loads(report.read_text())["error"] == err
+    assert not (tmp_path / "work").exists()
