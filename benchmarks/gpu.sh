@@ -4,7 +4,8 @@
 # A full-size (8B) HiDream-O1 with random bf16 weights is built directly on the GPU (no checkpoint,
 # nothing downloaded); at 2048x2048, 50 steps, guidance 5, it prints seconds per step and per image and
 # the peak memory for the engine eager and with --compile, next to the dry run's floor. With
-# OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case.
+# OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case,
+# under $OFFICIAL_PYTHON (default: the same Python; it needs transformers 4.57, diffusers and einops).
 # The Python used: $PYTHON, else this checkout's .venv when its torch sees CUDA, else python3; the
 # checkout's src/ goes first on PYTHONPATH, so no install is needed where torch and transformers are.
 # Results (JSON) go to $OUT, or a temporary directory that is printed.
@@ -42,7 +43,7 @@ if [ -n "$official_src" ]; then
     # Last, and allowed to fail (the official code needs transformers 4.57 and diffusers): one line says
     # why, and the results above stand. Its 16.4 GB checkpoint goes to $OFFICIAL_WORKDIR (reused on a rerun).
     echo "== the official pipeline, same case"
-    "$py" "$root/benchmarks/official.py" --official-src "$official_src" --official-python "$py" \
+    "$py" "$root/benchmarks/official.py" --official-src "$official_src" --official-python "${OFFICIAL_PYTHON:-$py}" \
         --device cuda --checkpoints full --size 2048x2048 --steps 50 --guidance 5 \
         --workdir "${OFFICIAL_WORKDIR:-/tmp/hidream-official}" --json "$out/official.json" \
         || echo "== the official pipeline did not run (see the line above); the results above stand"
