@@ -3,7 +3,7 @@
 A 2K image's latent and the solver's temporaries are 50-100 MB tensors. glibc serves each with a
 fresh mmap and unmaps it when freed, so every step pays the page faults of touching them anew: on
 the demo checkpoint at 2048², about a quarter of the CPU time. Keeping freed memory in the heap for
-reuse (what torch's caching allocator does on CUDA) removes that cost; the numbers are unchanged.
+reuse (what torch's caching allocator does on CUDA) removes most of that cost; the numbers are unchanged.
 """
 
 from __future__ import annotations
