@@ -151,3 +151,15 @@ def test_bf16_fp32acc_is_the_official_fp32_mode(demo_checkpoint, engine):
     torch.testing.assert_close(ours, official, rtol=0, atol=0)  # bit for bit, at half the weight memory
     plain = Denoiser(bf16.model, conditioning(bf16, 1))(z.bfloat16(), t).float()
     assert (ours - exact).abs().mean() < (plain - exact).abs().mean()
+
+
+def test_the_mlp_in_token_chunks_equals_one_pass(engine, monkeypatch):
+    from hidream.engine import model as model_module
+
+    cond = conditioning(engine, 1)
+    z, t = noisy(cond), torch.tensor(0.45)
+    whole = Denoiser(engine.model, cond)(z, t)
+    monkeypatch.setattr(model_module, "MLP_CHUNK", 5)  # the sequences here are 6 to 30 tokens long
+    chunked = Denoiser(engine.model, conditioning(engine, 1))(z, t)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert cond.target_len + 1 > 5  # the step's rows really were split
