@@ -47,10 +47,6 @@ class KVBuffer:
     scratch_keys: Tensor
     scratch_values: Tensor
 
-    @property
-    def text_len(self) -> int:
-        return self.keys[0].shape[1]
-
     @classmethod
     def empty(cls, layers: int, text_len: int, gen_len: int, kv_heads: int, head_dim: int,
               device: torch.device, dtype: torch.dtype) -> KVBuffer:
