@@ -609,6 +609,47 @@ def test_models(service: Service) -> None:
     assert p["prompt"]["max_length"] == 5000
 
 
+def test_models_list_the_live_workers_and_how_their_engines_run(make_service: Callable[..., Service]) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from hidream.service.store import utcnow
+    from hidream.service.tables import workers
+
+    svc = make_service(model_ids=(MODEL, "other"))
+    assert [m["workers"] for m in assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))] == [[], []]
+    fp8 = {"precision": "bf16", "quantize": "fp8", "offload": "layers", "variant": "dev"}
+    svc.store.register_worker("w-fp8", "gpu-box", 1, [MODEL], "cuda:0", fp8)
+    svc.store.register_worker("w-both", "cpu-box", 2, [MODEL, "other"], "cpu")  # an older worker: no engine facts
+    for gone in ("w-stale", "w-stopping"):
+        svc.store.register_worker(gone, "box", 3, [MODEL], "cuda:1", fp8)
+    with svc.store.engine.begin() as conn:
+        conn.execute(update(workers).where(workers.c.id == "w-stale").values(heartbeat_at=utcnow() - timedelta(hours=1)))
+    svc.store.worker_heartbeat("w-stopping", "stopping", None)
+
+    data = {m["id"]: m for m in assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))}
+    assert data[MODEL]["workers"] == [
+        {"id": "w-fp8", "device": "cuda:0", "precision": "bf16", "quantize": "fp8", "offload": "layers",
+         "variant": "dev"},
+        {"id": "w-both", "device": "cpu", "precision": None, "quantize": None, "offload": None, "variant": None},
+    ]
+    assert [w["id"] for w in data["other"]["workers"]] == ["w-both"]
+    assert set(data[MODEL]) == {"id", "aliases", "price_per_image_usd", "demo", "suggested", "parameters", "workers"}
+
+
+def test_the_openapi_description_of_the_models_workers_is_valid(service: Service) -> None:
+    from openapi_spec_validator import validate
+
+    spec = service.client.get("/openapi.json").json()
+    validate(spec)
+    info = spec["components"]["schemas"]["ModelInfo"]
+    assert info["properties"]["workers"]["items"] == {"$ref": "#/components/schemas/ModelWorker"}
+    assert "workers" not in info.get("required", [])  # additive: a client of the old schema is unaffected
+    worker = spec["components"]["schemas"]["ModelWorker"]
+    assert set(worker["properties"]) == {"id", "device", "precision", "quantize", "offload", "variant"}
+
+
 def test_models_price_configurable(make_service: Callable[..., Service]) -> None:
     svc = make_service(price_usd=0.01)
     assert assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))[0]["price_per_image_usd"] == 0.01

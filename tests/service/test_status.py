@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, inspect, text, update
 from hidream.cli import main
 from hidream.service.app import create_app
 from hidream.service.settings import Settings
-from hidream.service.status import render_status, stale_after_s
+from hidream.service.status import describe_engine, render_status, stale_after_s
 from hidream.service.storage import LocalStorage
 from hidream.service.store import Store, utcnow
 from hidream.service.tables import metadata, tasks, workers
@@ -61,12 +61,13 @@ def set_completed_at(store: Store, task_id: str, at: datetime) -> None:
 def test_the_workers_migration_matches_the_tables(store: Store) -> None:
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
     assert diff == []
     assert "workers" in inspect(store.engine).get_table_names()
     columns = {c["name"]: c["nullable"] for c in inspect(store.engine).get_columns("workers")}
     assert columns == {"id": False, "host": False, "pid": False, "models": False, "device": False,
-                       "state": False, "started_at": False, "heartbeat_at": False, "current_task": True}
+                       "state": False, "started_at": False, "heartbeat_at": False, "current_task": True,
+                       "engine": True}
 
 
 # --- the store's worker registry -------------------------------------------------------------------------
@@ -97,6 +98,33 @@ def test_register_heartbeat_remove(store: Store) -> None:
     assert store.remove_worker("w1")
     assert not store.remove_worker("w1")
     assert [w["id"] for w in store.list_workers()] == ["w0"]
+
+
+FP8_ENGINE = {"precision": "bf16", "quantize": "fp8", "offload": "layers", "variant": "dev"}
+
+
+def test_a_worker_row_carries_how_its_engine_runs(store: Store) -> None:
+    store.register_worker("w-fp8", "gpu-box", 1, ["m"], "cuda:0", FP8_ENGINE)
+    store.register_worker("w-old", "old-box", 2, ["m"], "cpu")  # an older worker: says nothing of its engine
+    listed = {w["id"]: w for w in store.list_workers()}
+    assert listed["w-fp8"]["engine"] == FP8_ENGINE and listed["w-old"]["engine"] is None
+    with store.engine.connect() as conn:  # SQL NULL, not the JSON null
+        assert conn.execute(text("SELECT COUNT(*) FROM workers WHERE engine IS NULL")).scalar_one() == 1
+    assert store.worker_heartbeat("w-fp8", "running", None)  # a beat keeps it
+    status = {w["id"]: w for w in store.status(stale_after_s=30)["workers"]}
+    assert status["w-fp8"]["engine"] == FP8_ENGINE and status["w-old"]["engine"] is None
+    store.register_worker("w-fp8", "gpu-box", 1, ["m"], "cuda:0", FP8_ENGINE | {"quantize": None})  # again: replaced
+    assert {w["id"]: w for w in store.list_workers()}["w-fp8"]["engine"]["quantize"] is None
+
+
+def test_live_workers_are_the_beating_ones_not_stopping(store: Store) -> None:
+    for wid in ("w-live", "w-stale", "w-stopping"):
+        store.register_worker(wid, "box", 1, ["m"], "cpu", FP8_ENGINE)
+    set_heartbeat(store, "w-stale", utcnow() - timedelta(seconds=120))
+    store.worker_heartbeat("w-stopping", "stopping", None)
+    assert [w["id"] for w in store.live_workers(stale_after_s=30)] == ["w-live"]
+    assert store.live_workers(stale_after_s=30)[0]["engine"] == FP8_ENGINE
+    assert {w["id"] for w in store.live_workers(stale_after_s=3600)} == {"w-live", "w-stale"}
 
 
 def test_status(store: Store, key: str) -> None:
@@ -161,7 +189,7 @@ def test_render_status_shows_every_fact(store: Store, key: str) -> None:
     for _ in range(2):
         submit(store, key, "lonely-model")
     tid = submit(store, key, "served")
-    store.register_worker("worker-1", "gpu-box", 7, ["served", "other"], "cuda:0")
+    store.register_worker("worker-1", "gpu-box", 7, ["served", "other"], "cuda:0", FP8_ENGINE)
     store.register_worker("worker-2", "old-box", 8, ["lonely-model"], "cpu")
     set_heartbeat(store, "worker-2", utcnow() - timedelta(minutes=10))
     store.claim("worker-1", ["served"], lease_s=60)
@@ -180,11 +208,27 @@ def test_render_status_shows_every_fact(store: Store, key: str) -> None:
     assert "served" in running and "worker-1" in running and "7/28 (25%)" in running
     w1 = next(ln for ln in lines if ln.strip().startswith("worker-1"))
     assert "served, other" in w1 and "cuda:0" in w1 and "running" in w1 and tid in w1 and "s ago" in w1
+    assert "  bf16, fp8 weights, offload layers  " in w1
+    header = next(ln for ln in lines if ln.strip().startswith("worker "))
+    assert header.index("engine") == w1.index("bf16")  # under its column
     w2 = next(ln for ln in lines if ln.strip().startswith("worker-2"))
     assert "NO (stale)" in w2 and "10 min ago" in w2
+    assert w2[header.index("engine"):].startswith("- ")  # registered without engine facts
     assert any(ln.split()[:4] == ["1", "min", "1", "0"] for ln in lines)  # throughput: completed / failed
     assert "  2 task(s) for lonely-model wait: no live worker serves it" in lines
     assert "task(s) for served" not in out
+
+
+@pytest.mark.parametrize(("engine", "shown"), [
+    ({"precision": "bf16", "quantize": "fp8", "offload": "layers", "variant": "full"}, "bf16, fp8 weights, offload layers"),
+    ({"precision": "bf16-fp32acc", "quantize": None, "offload": "none", "variant": "full"}, "bf16-fp32acc"),
+    ({"precision": "fp32", "quantize": None, "offload": "layers"}, "fp32, offload layers"),
+    ({"precision": None, "quantize": "fp8", "offload": None}, "fp8 weights"),
+    ({"precision": None, "quantize": None, "offload": None, "variant": None}, "-"),
+    (None, "-"),
+])
+def test_describe_engine(engine: dict | None, shown: str) -> None:
+    assert describe_engine(engine) == shown
 
 
 def test_render_status_of_nothing() -> None:
@@ -198,6 +242,12 @@ def test_render_status_of_nothing() -> None:
 
 class DeviceEngine(SolidEngine):
     device = "cuda:3"  # what str(engine.device) gives on a real engine
+
+
+class Fp8OffloadEngine(DeviceEngine):
+    """An engine as Engine.load returns it with quantize="fp8", offload="auto" (resolved to layers)."""
+
+    precision, quantize, offload, variant = "bf16", "fp8", "layers", "dev"
 
 
 @pytest.fixture
@@ -226,6 +276,7 @@ def test_the_worker_registers_beats_and_leaves(worker_service) -> None:
     assert (w["id"], w["models"], w["device"]) == ("w-test", ["m1", "m2"], "cuda:3")
     assert (w["host"], w["pid"]) == (socket.gethostname(), os.getpid())
     assert w["state"] == "idle" and w["current_task"] is None
+    assert w["engine"] == {"precision": None, "quantize": None, "offload": None, "variant": None}  # says nothing
 
     tid = store.insert_task(key_id, "m2", INPUT | {"num_inference_steps": 300}, [], max_queue=10)["id"]
     # A state change is reported at once, not at the next periodic beat.
@@ -248,6 +299,8 @@ def test_a_worker_without_a_device_says_unknown_and_registers_again_if_removed(w
     try:
         wait(lambda: len(store.list_workers()) == 1)
         assert store.list_workers()[0]["device"] == "unknown"
+        assert store.list_workers()[0]["engine"] == {"precision": None, "quantize": None, "offload": None,
+                                                     "variant": None}
         first = store.list_workers()[0]["heartbeat_at"]
         wait(lambda: store.list_workers()[0]["heartbeat_at"] > first, timeout=5)  # the periodic beat (1 s)
         store.remove_worker("w-plain")  # e.g. a clean-up by hand: the next beat advertises it again
@@ -256,6 +309,24 @@ def test_a_worker_without_a_device_says_unknown_and_registers_again_if_removed(w
         worker.stop()
         thread.join(10)
     assert store.list_workers() == []
+
+
+def test_the_worker_records_its_engines_precision_quantize_and_offload(worker_service) -> None:
+    settings, store, storage, _ = worker_service
+    worker = Worker(settings, store, storage, Fp8OffloadEngine, worker_id="w-fp8")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait(lambda: len(store.list_workers()) == 1)
+        [w] = store.list_workers()
+        assert (w["device"], w["engine"]) == ("cuda:3", {"precision": "bf16", "quantize": "fp8", "offload": "layers",
+                                                         "variant": "dev"})
+        store.remove_worker("w-fp8")  # registered again by the next beat: with its engine again
+        wait(lambda: len(store.list_workers()) == 1, timeout=heartbeat_interval_s(settings.lease_s) + 5)
+        assert store.list_workers()[0]["engine"]["quantize"] == "fp8"
+    finally:
+        worker.stop()
+        thread.join(10)
 
 
 def test_a_worker_whose_model_fails_to_load_never_registers(worker_service) -> None:
@@ -282,7 +353,8 @@ def test_hidream_status_json_and_text(tmp_path: Path, monkeypatch: pytest.Monkey
         for _ in range(3):
             submit(store, key, "nobody-serves-me")
         submit(store, key, "hidream-o1-image")
-        store.register_worker("w9", "box", 9, ["hidream-o1-image"], "cpu")
+        store.register_worker("w9", "box", 9, ["hidream-o1-image"], "cpu",
+                              {"precision": "fp32", "quantize": "fp8", "offload": "layers", "variant": "full"})
     finally:
         store.close()
 
@@ -293,10 +365,12 @@ def test_hidream_status_json_and_text(tmp_path: Path, monkeypatch: pytest.Monkey
     [w] = status["workers"]
     assert w["id"] == "w9" and w["alive"] and w["models"] == ["hidream-o1-image"]
     assert w["heartbeat_at"].endswith("Z") and status["stale_after_s"] == stale_after_s(Settings())
+    assert w["engine"] == {"precision": "fp32", "quantize": "fp8", "offload": "layers", "variant": "full"}
 
     assert main(["status", "--database-url", url]) == 0
     out = capsys.readouterr().out
     assert "3 task(s) for nobody-serves-me wait: no live worker serves it" in out and "w9" in out
+    assert "fp32, fp8 weights, offload layers" in next(ln for ln in out.splitlines() if "w9" in ln)
 
     assert main(["status"]) == 0  # HIDREAM_HOME's default database: created, empty
     assert "(empty)" in capsys.readouterr().out and (tmp_path / "home" / "hidream.db").is_file()

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import delete, func, inspect, select, text, update
 
 from hidream.service.errors import TooManyRequests
-from hidream.service.store import Store, connect, utcnow
+from hidream.service.store import MIGRATIONS, Store, connect, utcnow
 from hidream.service.tables import api_keys, metadata, tasks, usage
 
 try:  # tests/service as a package or as a plain directory on sys.path
@@ -409,10 +411,70 @@ def test_open_twice_is_harmless(store_url: str) -> None:
     try:
         assert second.key_for_token(token) == k.id and second.get_task(tid) is not None
         with second.engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
             assert conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 1
     finally:
         second.close()
+
+
+def alembic(url: str, revision: str, down: bool = False) -> str:
+    """Upgrade (or downgrade) the database at `url` to `revision`, as `migrate` does; the revision it is at after."""
+    engine = connect(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def worker_columns(url: str) -> set[str]:
+    engine = connect(url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns("workers")}
+    finally:
+        engine.dispose()
+
+
+def test_the_worker_engine_migration_up_and_down(store_url: str) -> None:
+    assert alembic(store_url, "0003") == "0003"
+    assert "engine" not in worker_columns(store_url)
+    engine = connect(store_url)
+    with engine.begin() as conn:  # a worker registered by the previous release
+        conn.execute(text("INSERT INTO workers (id, host, pid, models, device, state, started_at, heartbeat_at) "
+                          "VALUES ('w-old', 'box', 1, '[\"m\"]', 'cpu', 'idle', :now, :now)"), {"now": utcnow()})
+    engine.dispose()
+
+    assert alembic(store_url, "head") == "0004"
+    assert "engine" in worker_columns(store_url)
+    store = Store.open(store_url)  # at head already: nothing to do
+    try:
+        [old] = store.list_workers()
+        assert old["id"] == "w-old" and old["engine"] is None  # the old row: no engine facts
+        store.register_worker("w-new", "box", 2, ["m"], "cuda:0", {"precision": "bf16", "quantize": "fp8",
+                                                                   "offload": "layers", "variant": "full"})
+    finally:
+        store.close()
+
+    assert alembic(store_url, "0003", down=True) == "0003"
+    assert "engine" not in worker_columns(store_url)
+    engine = connect(store_url)
+    with engine.connect() as conn:  # the rows stay, without the column
+        assert set(conn.execute(text("SELECT id FROM workers")).scalars()) == {"w-old", "w-new"}
+    engine.dispose()
+
+    assert alembic(store_url, "head") == "0004"
+    store = Store.open(store_url)
+    try:
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+        assert {w["id"]: w["engine"] for w in store.list_workers()} == {"w-old": None, "w-new": None}
+    finally:
+        store.close()
 
 
 def test_sqlite_pragmas(sqlite_url: str) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.service.errors import ServiceError
-from hidream.service.settings import Settings, precision_of
+from hidream.service.settings import OFFLOAD, QUANTIZE, Settings, choice_problem, precision_of
 
 if TYPE_CHECKING:  # imported where used: `serve` checks its port before it imports the service's modules
     from hidream.service.store import ApiKey, Store
@@ -34,13 +34,22 @@ VARIANTS = ("full", "dev")
 def engine_loader(settings: Settings) -> Callable[[], Any]:
     """A function that loads the configured checkpoint (the demo one when none is configured).
 
-    It raises CheckpointError, or InvalidRequestError naming "variant", "dtype", "precision" or "device".
+    It raises CheckpointError, or InvalidRequestError naming "variant", "dtype", "precision", "quantize",
+    "offload", "tokenizer" or "device".
     """
 
     def load():
         if settings.variant not in (None, *VARIANTS):
             raise InvalidRequestError("variant", f"must be full or dev (got {settings.variant!r})")
         precision = precision_of(settings.precision, settings.dtype)
+        for name, choices in (("quantize", QUANTIZE), ("offload", OFFLOAD)):
+            if problem := choice_problem(getattr(settings, name), choices):
+                raise InvalidRequestError(name, problem)
+        tokenizer = Path(settings.tokenizer).expanduser() if settings.tokenizer else None
+        if tokenizer is not None and not tokenizer.is_dir():
+            why = "is a file" if tokenizer.exists() else "does not exist"
+            raise InvalidRequestError("tokenizer", f"must be a directory with the tokenizer and image-processor "
+                                                   f"files ({tokenizer} {why})")
         if settings.dtype is not None:
             log.warning("HIDREAM_DTYPE (--dtype) is deprecated: use HIDREAM_PRECISION (--precision) %s", precision)
         from hidream.engine.demo import write_demo_checkpoint
@@ -49,15 +58,35 @@ def engine_loader(settings: Settings) -> Callable[[], Any]:
         path = Path(settings.model).expanduser() if settings.model else settings.home / "demo-model"
         if not settings.model and not (path / "config.json").is_file():
             write_demo_checkpoint(path)
-        # precision and compile are passed only when set, so an engine without them still loads
-        options = {k: v for k, v in (("precision", precision), ("compile", settings.compile)) if v}
+        # the options are passed only when set, so an engine without them still loads
+        quantize = None if settings.quantize == "none" else settings.quantize
+        offload = None if settings.offload == "none" else settings.offload
+        options = {k: v for k, v in (("precision", precision), ("compile", settings.compile),
+                                     ("quantize", quantize), ("offload", offload), ("tokenizer", tokenizer)) if v}
         engine = Engine.load(path, device=settings.device, variant=settings.variant, **options)
-        log.info("model loaded from %s on %s (%s%s), variant %s", path, engine.device,
-                 getattr(engine, "precision", None) or engine.dtype, ", compiled" if settings.compile else "",
+        summary = engine_summary(engine, quantize=quantize, offload=offload or "none", compiled=settings.compile,
+                                 tokenizer=tokenizer)
+        log.info("model loaded from %s on %s (%s), variant %s", path, engine.device, ", ".join(summary),
                  engine.variant)
         return engine
 
     return load
+
+
+def engine_summary(engine: Any, *, quantize: str | None = None, offload: str = "none", compiled: bool = False,
+                   tokenizer: Path | None = None) -> list[str]:
+    """How the loaded engine runs, for the log: `bf16`, `fp8 weights`, `offload layers`, `compiled`, ...; what
+    the engine says of itself, else what was asked (`quantize`, `offload`)."""
+    parts = [str(getattr(engine, "precision", None) or getattr(engine, "dtype", "?"))]
+    if quantize := getattr(engine, "quantize", quantize):
+        parts.append(f"{quantize} weights")
+    if (offload := getattr(engine, "offload", offload)) not in (None, "none"):
+        parts.append(f"offload {offload}")
+    if compiled:
+        parts.append("compiled")
+    if tokenizer is not None:
+        parts.append(f"tokenizer from {tokenizer}")
+    return parts
 
 
 def load_engine(settings: Settings) -> Any:

@@ -284,6 +284,16 @@ class UploadEnvelope(Envelope):
     data: UploadData
 
 
+class ModelWorker(BaseModel):
+    id: str
+    device: str = Field(description="e.g. cuda:0, cpu; unknown when the engine does not say")
+    precision: str | None = Field(description="bf16, bf16-fp32acc or fp32; null when the worker does not say")
+    quantize: str | None = Field(description="fp8: fp8 weights; null: none (or the worker does not say)")
+    offload: str | None = Field(description="none, or layers: decoder layers streamed from host memory; null "
+                                            "when the worker does not say")
+    variant: str | None = Field(description="the recipe the worker's checkpoint runs: full or dev")
+
+
 class ModelInfo(BaseModel):
     id: str
     aliases: list[str]
@@ -292,6 +302,8 @@ class ModelInfo(BaseModel):
     suggested: dict[str, Any] = Field(description="values to preselect instead of the defaults (the demo's "
                                                   "small size); empty on real weights")
     parameters: dict[str, Any]
+    workers: list[ModelWorker] = Field(default_factory=list, description="the live workers that serve this "
+                                       "model (a heartbeat within three beats, not stopping), oldest first")
 
 
 class ModelsEnvelope(Envelope):

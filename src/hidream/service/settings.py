@@ -19,6 +19,9 @@ DEFAULT_ALIASES = {"hidream-o1-1.5": "hidream-o1-image", "hidream-ai/hidream-o1-
 PRECISIONS = ("bf16", "bf16-fp32acc", "fp32")
 DTYPES = ("bf16", "fp16", "fp32")  # the choices of the deprecated --dtype / HIDREAM_DTYPE; fp16 is refused
 FP16_REFUSED = "fp16 is not supported: Qwen3 activations overflow float16; use --precision bf16"
+QUANTIZE = ("none", "fp8")  # fp8: the weights quantized to float8 at load (a file of fp8 weights is fp8 anyway)
+OFFLOAD = ("none", "layers", "auto")  # layers: decoder layers streamed from host memory; auto: when they do not fit
+CHECKPOINT_HELP = "checkpoint directory in the official layout, or a single .safetensors file"
 
 
 def precision_of(precision: str | None, dtype: str | None) -> str | None:
@@ -36,6 +39,13 @@ def precision_of(precision: str | None, dtype: str | None) -> str | None:
     return precision or dtype
 
 
+def choice_problem(value: str | None, choices: tuple[str, ...]) -> str | None:
+    """The rule `value` breaks, or None when it is one of `choices` (None: not set)."""
+    if value is None or value in choices:
+        return None
+    return f"must be one of {', '.join(choices)} (got {value!r})"
+
+
 def default_home() -> Path:
     return Path(os.environ.get("HIDREAM_HOME") or Path.home() / ".cache" / "hidream")
 
@@ -45,12 +55,15 @@ class Settings:
     """Read once at start-up and passed down; nothing reads the environment after that."""
 
     home: Path = field(default_factory=default_home)
-    model: str | None = None  # checkpoint directory; None: the demo checkpoint
-    variant: str | None = None  # full | dev; None: from the directory name
+    model: str | None = None  # checkpoint directory or single .safetensors file; None: the demo checkpoint
+    variant: str | None = None  # full | dev; None: from the checkpoint's name
     device: str | None = None
     dtype: str | None = None  # deprecated spelling of precision: bf16 | fp32 (fp16 is refused)
     precision: str | None = None  # bf16 | bf16-fp32acc | fp32; None: bf16 on CUDA, fp32 on the CPU
     compile: bool = False  # regional torch.compile of the decoder layer
+    quantize: str = "none"  # none | fp8: the weights quantized to fp8 at load
+    offload: str = "none"  # none | layers | auto: decoder layers streamed from host memory
+    tokenizer: Path | None = None  # tokenizer and image-processor files, for a single file that has none
     model_ids: tuple[str, ...] = DEFAULT_MODEL_IDS
     aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     host: str = "127.0.0.1"
@@ -109,7 +122,8 @@ class Settings:
 
     @property
     def served_variant(self) -> str:
-        """full or dev: --variant, else detected from the checkpoint directory (the demo checkpoint: full)."""
+        """full or dev: --variant, else detected from the checkpoint (a directory's name; a single file's
+        metadata or name), as the engine does; the demo checkpoint: full."""
         from hidream.engine.config import detect_variant
 
         if self.variant is not None:
@@ -157,8 +171,20 @@ def _bool(v: str) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+def _one_of(choices: tuple[str, ...]):
+    """A parser that takes one of `choices` (any case); its error says them: `must be one of none, fp8`."""
+
+    def parse(v: str) -> str:
+        if v.strip().lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v.strip().lower()
+
+    return parse
+
+
 PARSERS: dict[str, Any] = {
     "home": Path, "model": str, "variant": str, "device": str, "dtype": str, "precision": str, "compile": _bool,
+    "quantize": _one_of(QUANTIZE), "offload": _one_of(OFFLOAD), "tokenizer": Path,
     "model_ids": _tuple, "aliases": _aliases, "host": str, "port": int, "public_url": str,
     "database_url": str, "storage_dir": Path, "storage_url": str, "s3_endpoint_url": str, "s3_region": str,
     "s3_access_key_id": str, "s3_secret_access_key": str, "secret": str, "price_usd": float,
@@ -173,13 +199,19 @@ ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.
 # name -> what the setting means, for `--help` (see `help_text`); every setting has one.
 HELP: dict[str, str] = {
     "home": "directory of the SQLite database, the stored files, the signing secret and the demo checkpoint",
-    "model": "checkpoint directory in the official layout",
+    "model": CHECKPOINT_HELP,
     "variant": "recipe: full or dev",
     "device": "cuda, cuda:N or cpu",
     "dtype": "deprecated: use precision; bf16 or fp32 (fp16 is refused: Qwen3 activations overflow it)",
     "precision": "bf16 (weights and activations), bf16-fp32acc (bf16 matmuls on a float32 residual stream, "
                  "float32 norms; more detail, more memory) or fp32",
     "compile": "torch.compile the decoder layer (regional): faster steps after a warm-up per image size",
+    "quantize": "none, or fp8: the weights quantized to float8 at load (about half the memory of bf16; a file "
+                "of fp8 weights loads as fp8 whatever this says)",
+    "offload": "none; layers: the decoder layers streamed from host memory (a GPU smaller than the model, "
+               "slower steps); auto: layers only when the model does not fit the GPU",
+    "tokenizer": "directory of the tokenizer and image-processor files, for a single .safetensors file that "
+                 "carries none",
     "model_ids": "the model ids served (comma-separated); requests name one of them",
     "aliases": "other model names accepted, as alias=id pairs (comma-separated)",
     "host": "address the API listens on (0.0.0.0: every interface)",
@@ -218,13 +250,13 @@ HELP: dict[str, str] = {
 # Defaults that are not a plain value of `Settings`.
 _DEFAULT_SHOWN = {
     "home": "$HOME/.cache/hidream", "model": "the demo checkpoint, whose images are noise",
-    "variant": "from the directory name; '-Dev' means dev", "device": "cuda when present, else cpu",
+    "variant": "from the checkpoint: a name ending in -Dev, or a single file's metadata", "device": "cuda when present, else cpu",
     "dtype": "none: see precision", "precision": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT",
     "database_url": "sqlite:///HOME/hidream.db",
     "storage_dir": "HOME/storage", "storage_url": "the local directory, HIDREAM_STORAGE_DIR",
     "s3_endpoint_url": "AWS S3", "s3_region": "boto3's", "s3_access_key_id": "boto3's default credentials",
     "s3_secret_access_key": "boto3's default credentials", "secret": "generated once, kept in HOME/secret",
-    "fetch_allow": "none",
+    "fetch_allow": "none", "tokenizer": "the checkpoint's own",
 }
 
 

@@ -8,14 +8,14 @@ from typing import Any
 
 from hidream.service.runtime import open_store
 from hidream.service.settings import Settings
-from hidream.service.worker import heartbeat_interval_s
+from hidream.service.worker import stale_after_s as _stale_after_s
 
 WINDOWS = (("1m", "1 min"), ("5m", "5 min"), ("15m", "15 min"))
 
 
 def stale_after_s(settings: Settings) -> float:
     """A worker that missed three heartbeats in a row is taken for gone."""
-    return 3 * heartbeat_interval_s(settings.lease_s)
+    return _stale_after_s(settings.lease_s)
 
 
 def _age(seconds: float | None) -> str:
@@ -43,6 +43,18 @@ def _progress(step: int | None, total: int | None) -> str:
     return f"{step}/{total} ({100 * step // total}%)"
 
 
+def describe_engine(engine: dict[str, Any] | None) -> str:
+    """How a worker's engine runs, from its `engine` column: `bf16, fp8 weights, offload layers`; `-` when it
+    does not say (a worker registered before the column, or an engine without these facts)."""
+    engine = engine or {}
+    parts = [engine["precision"]] if engine.get("precision") else []
+    if engine.get("quantize") and engine["quantize"] != "none":
+        parts.append(f"{engine['quantize']} weights")
+    if engine.get("offload") and engine["offload"] != "none":
+        parts.append(f"offload {engine['offload']}")
+    return ", ".join(parts) or "-"
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The dict of `Store.status` as text: one section per topic, then a line per stuck model."""
     lines = ["queue (tasks waiting per model)"]
@@ -57,9 +69,10 @@ def render_status(status: dict[str, Any]) -> str:
 
     lines += ["", f"workers (alive: a heartbeat within {status.get('stale_after_s', 0):g} s)"]
     workers = status.get("workers") or []
-    lines += _table(["worker", "models", "device", "state", "task", "last heartbeat", "alive"],
-                    [[w["id"], ", ".join(w["models"]), w["device"], w["state"], w.get("current_task") or "-",
-                      _age(w.get("heartbeat_age_s")), "yes" if w["alive"] else "NO (stale)"]
+    lines += _table(["worker", "models", "device", "engine", "state", "task", "last heartbeat", "alive"],
+                    [[w["id"], ", ".join(w["models"]), w["device"], describe_engine(w.get("engine")), w["state"],
+                      w.get("current_task") or "-", _age(w.get("heartbeat_age_s")),
+                      "yes" if w["alive"] else "NO (stale)"]
                      for w in workers]) if workers else ["  (none registered)"]
 
     lines += ["", "throughput (completed / failed)"]

@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    null,
     or_,
     select,
     text,
@@ -643,14 +644,17 @@ class Store:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1")).scalar_one()
 
-    def register_worker(self, id: str, host: str, pid: int, models: list[str], device: str) -> None:
-        """Advertise a worker (its model is loaded) as idle; registering an id again replaces its row."""
+    def register_worker(self, id: str, host: str, pid: int, models: list[str], device: str,
+                        engine: dict[str, Any] | None = None) -> None:
+        """Advertise a worker (its model is loaded) as idle, with how its engine runs (`engine`: precision,
+        quantize, offload, variant); registering an id again replaces its row."""
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(delete(workers).where(workers.c.id == id))
             conn.execute(insert(workers).values(
                 id=id, host=host, pid=pid, models=list(models), device=device, state="idle",
-                started_at=now, heartbeat_at=now, current_task=None))
+                started_at=now, heartbeat_at=now, current_task=None,
+                engine=null() if engine is None else dict(engine)))  # SQL NULL, not JSON null
 
     def worker_heartbeat(self, id: str, state: str, current_task: str | None) -> bool:
         """A worker's sign of life, with its state and task; False when it is not registered (any more)."""
@@ -667,6 +671,15 @@ class Store:
         """Every registered worker, the oldest registration first."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(workers).order_by(workers.c.started_at, workers.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def live_workers(self, stale_after_s: float) -> list[dict[str, Any]]:
+        """The workers that serve tasks now: a heartbeat under `stale_after_s` old, not stopping; oldest first."""
+        since = utcnow() - timedelta(seconds=stale_after_s)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(workers).where(workers.c.heartbeat_at >= since,
+                                                      workers.c.state.not_in(("stopping", "stopped")))
+                                .order_by(workers.c.started_at, workers.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
     def status(self, stale_after_s: float) -> dict[str, Any]:

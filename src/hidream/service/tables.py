@@ -115,4 +115,6 @@ workers = Table(
     Column("started_at", DateTime, nullable=False),  # when it registered (its model loaded)
     Column("heartbeat_at", DateTime, nullable=False),  # last sign of life; old means the worker is gone
     Column("current_task", String(32)),  # the task it runs, if any
+    # how its engine runs: {"precision", "quantize", "offload", "variant"}; None: registered before 0004
+    Column("engine", JSON),
 )

@@ -60,6 +60,21 @@ def heartbeat_interval_s(lease_s: float) -> float:
     return max(1.0, lease_s / 3)
 
 
+def stale_after_s(lease_s: float) -> float:
+    """A worker that missed three heartbeats in a row is taken for gone."""
+    return 3 * heartbeat_interval_s(lease_s)
+
+
+ENGINE_FACTS = ("precision", "quantize", "offload", "variant")
+
+
+def engine_info(engine: Any) -> dict[str, str | None]:
+    """What the workers table records of how a loaded engine runs: its precision (bf16 | bf16-fp32acc | fp32),
+    quantize (None | fp8), offload (none | layers) and variant; None where the engine does not say."""
+    facts = {name: getattr(engine, name, None) for name in ENGINE_FACTS}
+    return {name: None if value is None else str(value) for name, value in facts.items()}
+
+
 def encode_image(image: Image.Image, fmt: str) -> bytes:
     """The image in `fmt`, with no metadata beyond what the format needs."""
     name, options = FORMATS[fmt]
@@ -179,7 +194,7 @@ class Worker:
     def _register(self) -> None:
         device = getattr(self.engine, "device", None)
         self.store.register_worker(self.id, socket.gethostname(), os.getpid(), list(self.settings.model_ids),
-                                   str(device) if device is not None else "unknown")
+                                   str(device) if device is not None else "unknown", engine_info(self.engine))
 
     def _start_heartbeat(self) -> None:
         """Register in the workers table, then beat (state, current task) until stopped or run() ends."""

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from hidream.service import schemas
 from hidream.service.context import Ctx, Key, envelope
 from hidream.service.webhooks import key_secret
+from hidream.service.worker import ENGINE_FACTS, stale_after_s
 
 router = APIRouter()
 UNAUTHORIZED = {401: {"model": schemas.ErrorEnvelope}}
@@ -12,13 +13,22 @@ UNAUTHORIZED = {401: {"model": schemas.ErrorEnvelope}}
 
 @router.get("/api/v1/models", response_model=schemas.ModelsEnvelope, responses=UNAUTHORIZED)
 def models(ctx: Ctx, key_id: Key):
-    """The served model ids, their aliases, parameters and price, and whether they run the demo checkpoint."""
+    """The served model ids, their aliases, parameters and price, whether they run the demo checkpoint, and
+    the live workers serving each, with how their engines run (device, precision, quantize, offload)."""
     settings = ctx.settings
     params, demo = schemas.parameter_schema(*settings.recipe_defaults), settings.model is None
+    live = ctx.store.live_workers(stale_after_s(settings.lease_s))
     return envelope([{"id": m, "aliases": [a for a, t in settings.aliases.items() if t == m],
                       "price_per_image_usd": settings.price_usd, "demo": demo,
-                      "suggested": schemas.suggested_values(demo), "parameters": params}
+                      "suggested": schemas.suggested_values(demo), "parameters": params,
+                      "workers": [_worker(w) for w in live if m in w["models"]]}
                      for m in settings.model_ids])
+
+
+def _worker(row: dict) -> dict:
+    """A workers row as the models route lists it."""
+    engine = row.get("engine") or {}
+    return {"id": row["id"], "device": row["device"]} | {name: engine.get(name) for name in ENGINE_FACTS}
 
 
 @router.get("/api/v1/usage", response_model=schemas.UsageEnvelope, responses=UNAUTHORIZED)
