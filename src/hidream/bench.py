@@ -57,10 +57,11 @@ def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir
 
     from hidream.engine.checkpoint import _materialize_buffers, gemm_weights
     from hidream.engine.config import spec_from_config
+    from hidream.engine.checkpoint import load_processors
     from hidream.engine.demo import demo_config, full_config
     from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
     from hidream.engine.model import HiDreamO1
-    from hidream.engine.pipeline import Engine, _load_processors
+    from hidream.engine.pipeline import Engine
     from hidream.engine.sequence import PromptEncoder
 
     ids = write_demo_tokenizer(workdir)
@@ -88,7 +89,7 @@ def random_engine(config: str, device: torch.device, dtype: torch.dtype, workdir
     _materialize_buffers(model, device)
     if fp32acc:
         model.vision_autocast = torch.bfloat16
-    tokenizer, processor = _load_processors(workdir)
+    tokenizer, processor = load_processors(workdir)
     encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
     options = {k: v for k, v in (("precision", precision), ("compile", compile)) if v}
     return Engine(model.eval().requires_grad_(False), encoder, "full", workdir, **options)

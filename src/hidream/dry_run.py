@@ -168,7 +168,7 @@ def named_spec(config: str, workdir: Path) -> tuple[ModelSpec, PromptEncoder]:
     from hidream.engine.config import spec_from_config
     from hidream.engine.demo import demo_config, full_config
     from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
-    from hidream.engine.pipeline import _load_processors
+    from hidream.engine.checkpoint import load_processors as _load_processors
 
     ids = write_demo_tokenizer(workdir)
     write_demo_processor_config(workdir, patch_size=16, merge_size=2, temporal_patch_size=2)
@@ -181,7 +181,7 @@ def named_spec(config: str, workdir: Path) -> tuple[ModelSpec, PromptEncoder]:
 def checkpoint_spec(checkpoint: Path) -> tuple[ModelSpec, PromptEncoder]:
     """A checkpoint's spec, tokenizer and image processor; its weights are never read."""
     from hidream.engine.config import load_spec
-    from hidream.engine.pipeline import _load_processors
+    from hidream.engine.checkpoint import load_processors as _load_processors
 
     spec = load_spec(checkpoint)
     tokenizer, processor = _load_processors(checkpoint)

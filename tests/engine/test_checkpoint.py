@@ -34,47 +34,14 @@ SHARD_3 = "model-00003-of-00003.safetensors"
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the tensors whose data the loader reads (headers and shapes do not count)."""
     seen: list[str] = []
-    real_open = ckpt._open
+    real_read = ckpt._read_all
 
-    class Slice:
-        def __init__(self, name, inner):
-            self._name, self._inner = name, inner
-
-        def get_shape(self):
-            return self._inner.get_shape()
-
-        def get_dtype(self):
-            return self._inner.get_dtype()
-
-        def __getitem__(self, index):
-            seen.append(self._name)
-            return self._inner[index]
-
-    class Handle:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __enter__(self):
-            self._f = self._inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._inner.__exit__(*exc)
-
-        def keys(self):
-            return self._f.keys()
-
-        def metadata(self):
-            return self._f.metadata()
-
-        def get_slice(self, name):
-            return Slice(name, self._f.get_slice(name))
-
-        def get_tensor(self, name):
+    def read_all(checkpoint, names, convert):
+        for name, tensor in real_read(checkpoint, names, convert):
             seen.append(name)
-            return self._f.get_tensor(name)
+            yield name, tensor
 
-    monkeypatch.setattr(ckpt, "_open", lambda file, device: Handle(real_open(file, device)))
+    monkeypatch.setattr(ckpt, "_read_all", read_all)
     return seen
 
 

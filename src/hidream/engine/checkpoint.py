@@ -1,23 +1,44 @@
-"""Loading a checkpoint directory in the official layout, tensor names one to one, no conversion step."""
+"""Opening a checkpoint, an official directory or a single `.safetensors` file, and loading its weights.
+
+Tensor names are the official ones, one to one (a single file may nest them under `diffusion_model.`).
+fp8 weights load as they are stored: a `float8_e4m3fn` weight (or its bytes as `uint8`, as ComfyUI's
+mixed-precision files may keep them) with a scale beside it (`X.weight_scale` or `X.scale_weight`,
+per tensor or per output row) becomes an fp8 Linear. Every problem is found from the headers before
+any weight is read: a missing, unexpected or misshapen tensor raises CheckpointError naming it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Iterator
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from hidream.engine.config import ModelSpec, load_spec
+from hidream.engine import singlefile
+from hidream.engine.config import ModelSpec, Variant, choose_variant, read_config, spec_from_dict
 from hidream.engine.errors import CheckpointError
 from hidream.engine.layers import Linear
 from hidream.engine.model import HiDreamO1
+from hidream.engine.tensorfile import Entry, read_header, read_tensor
+
+log = logging.getLogger("hidream.engine")
 
 INDEX_FILE = "model.safetensors.index.json"
 # Present in the published checkpoints, not needed to generate images.
 IGNORED_PREFIXES = ("lm_head.",)
+# How some single files nest the official names.
+NESTING = ("model.diffusion_model.", "diffusion_model.")
+FP8 = torch.float8_e4m3fn
+SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # ComfyUI's mixed-precision name, and its older one
+INPUT_SCALE_SUFFIXES = (".input_scale", ".scale_input")  # static activation scales: activations are scaled per call
+QUANT_SUFFIX = ".comfy_quant"  # per-layer JSON naming the format
+MARKERS = ("scaled_fp8",)  # an empty tensor older fp8 files carry to say what they are
 
 
 def weight_files(checkpoint: Path) -> dict[Path, list[str] | None]:
@@ -41,32 +62,197 @@ def weight_files(checkpoint: Path) -> dict[Path, list[str] | None]:
     return {file: None for file in found}
 
 
-def _open(file: Path, device: str):
-    try:
-        return safe_open(str(file), framework="pt", device=device)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from err
-
-
-def _scan(files: dict[Path, list[str] | None]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Every tensor's file and shape, from the headers alone."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+def _scan(files: dict[Path, list[str] | None]) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Every tensor's place, from the headers alone, and the (first file's) metadata."""
+    found: dict[str, Entry] = {}
+    metadata: dict[str, str] = {}
     for file, listed in files.items():
-        with _open(file, "cpu") as f:
-            names = set(f.keys())
-            if listed is not None and not set(listed) <= names:
-                missing = sorted(set(listed) - names)
-                raise CheckpointError(f"{file}: lacks tensors its index lists: {', '.join(missing[:5])}")
-            for name in names:
-                if name in found:
-                    raise CheckpointError(f"{name}: stored twice ({found[name][0].name} and {file.name})")
-                found[name] = (file, tuple(f.get_slice(name).get_shape()))
-    return found
+        header = read_header(file)
+        metadata = metadata or header.metadata
+        names = set(header.entries)
+        if listed is not None and not set(listed) <= names:
+            missing = sorted(set(listed) - names)
+            raise CheckpointError(f"{file}: lacks tensors its index lists: {', '.join(missing[:5])}")
+        for name, entry in header.entries.items():
+            if name in found:
+                raise CheckpointError(f"{name}: stored twice ({found[name].file.name} and {file.name})")
+            found[name] = entry
+    return found, metadata
 
 
-def _check(model: nn.Module, found: dict[str, tuple[Path, tuple[int, ...]]]) -> None:
+def _unnest(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """Official names: a nesting prefix that every model tensor carries is taken off."""
+    if any(n.startswith("model.language_model.") for n in entries):
+        return entries
+    for prefix in NESTING:
+        if any(n.startswith(prefix + "model.language_model.") for n in entries):
+            return {n.removeprefix(prefix): e for n, e in entries.items()}
+    return entries
+
+
+def _quant_format(entry: Entry, name: str) -> str:
+    with open(entry.file, "rb") as f:
+        raw = bytes(read_tensor(f, entry).reshape(-1).to(torch.uint8).tolist())
+    try:
+        return str(json.loads(raw)["format"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{name}: not a JSON object with a 'format' ({err})") from err
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened from its headers: no weight read yet."""
+
+    path: Path
+    spec: ModelSpec
+    tensors: dict[str, Entry]  # the model's tensors by official name (an fp8 layer's weight among them)
+    scales: dict[str, Entry | None]  # fp8 layers (`...mlp.down_proj`): their stored weight scale, if any
+    extra: dict[str, Entry]  # stored, not part of the model (lm_head)
+    assets: dict[str, str]  # tokenizer and processor files by name
+    variant: Variant
+    metadata: dict[str, str] = field(default_factory=dict)
+    single_file: bool = False
+    assets_from: str = ""  # where the assets came from, for messages
+    _processors: tuple | None = None
+
+    def processors(self):
+        """(tokenizer, image processor), loaded once."""
+        if self._processors is None:
+            with tempfile.TemporaryDirectory(prefix="hidream-tokenizer-") as tmp:
+                for name, text in self.assets.items():
+                    (Path(tmp) / name).write_text(text, encoding="utf-8")
+                self._processors = load_processors(Path(tmp), self.assets_from)
+        return self._processors
+
+
+def load_processors(directory: Path, shown: str | None = None):
+    """The tokenizer and image processor of a directory; CheckpointError naming what is missing."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    where = shown or str(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{where}: tokenizer files missing or unreadable ({err})") from err
+    if not (directory / "preprocessor_config.json").is_file():
+        raise CheckpointError(f"{where}: preprocessor_config.json missing")
+    try:
+        processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where}/preprocessor_config.json: unreadable ({err})") from err
+    return tokenizer, processor
+
+
+def _sort(entries: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, Entry | None], dict[str, Entry]]:
+    """Model tensors, fp8 layers with their scales, and tensors kept but not used."""
+    model: dict[str, Entry] = {}
+    scales: dict[str, Entry] = {}
+    formats: dict[str, str] = {}
+    extra: dict[str, Entry] = {}
+    for name, entry in entries.items():
+        if name in MARKERS or name.endswith(INPUT_SCALE_SUFFIXES):
+            continue
+        if name.startswith(IGNORED_PREFIXES):
+            extra[name] = entry
+        elif name.endswith(QUANT_SUFFIX):
+            formats[name.removesuffix(QUANT_SUFFIX)] = _quant_format(entry, name)
+        elif name.endswith(SCALE_SUFFIXES):
+            layer = name.rsplit(".", 1)[0]
+            if layer in scales:
+                raise CheckpointError(f"{name}: a second weight scale for {layer}")
+            scales[layer] = entry
+        else:
+            model[name] = entry
+    fp8: dict[str, Entry | None] = {}
+    for name, entry in model.items():
+        if not name.endswith(".weight"):
+            continue
+        layer = name.removesuffix(".weight")
+        fmt = formats.get(layer)
+        if fmt is not None and fmt != "float8_e4m3fn":
+            raise CheckpointError(f"{layer}{QUANT_SUFFIX}: format {fmt!r} is not supported (float8_e4m3fn is); "
+                                  "use the file's bf16 or fp8_scaled version")
+        if entry.dtype == torch.float8_e5m2:
+            raise CheckpointError(f"{name}: float8_e5m2 weights are not supported (float8_e4m3fn is)")
+        if entry.dtype == FP8 or (fmt is not None and entry.dtype == torch.uint8):
+            model[name] = dataclasses.replace(entry, dtype=FP8)
+            fp8[layer] = scales.pop(layer, None)
+    if scales:
+        layer, entry = next(iter(scales.items()))
+        raise CheckpointError(f"{entry.file.name}: a weight scale for {layer}, whose weight is not float8_e4m3fn")
+    return model, fp8, extra
+
+
+def _assets(path: Path, single: bool, metadata: dict[str, str], tokenizer: Path | None) -> tuple[dict[str, str], str]:
+    if tokenizer is not None:
+        tokenizer = tokenizer.expanduser()
+        if not tokenizer.is_dir() or not singlefile.has_tokenizer(tokenizer):
+            raise CheckpointError(f"--tokenizer {tokenizer}: not a directory with tokenizer.json or "
+                                  "tokenizer_config.json (the official repository's small files)")
+        return singlefile.asset_texts(tokenizer), str(tokenizer)
+    if not single:
+        return singlefile.asset_texts(path), str(path)
+    embedded = singlefile.embedded_assets(path, metadata)
+    if embedded is not None:
+        return embedded, f"{path} (its embedded tokenizer)"
+    if singlefile.has_tokenizer(path.parent):
+        return singlefile.asset_texts(path.parent), str(path.parent)
+    raise CheckpointError(f"{path}: the file carries no tokenizer and none is beside it: give --tokenizer DIR "
+                          "(the official repository's tokenizer and preprocessor files, without the weights)")
+
+
+def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
+                    variant: Variant | None = None) -> Checkpoint:
+    """Open an official checkpoint directory or a single `.safetensors` file from its headers."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        single = False
+        raw = read_config(path)  # the directory's config.json comes first: no weight file is opened without it
+        entries, metadata = _scan(weight_files(path))
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a checkpoint: give a directory in the official layout "
+                                  "or a single .safetensors file")
+        single, raw = True, None
+        entries, metadata = _scan({path: None})
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint directory or file")
+    tensors, scales, extra = _sort(_unnest(entries))
+    assets, assets_from = _assets(path, single, metadata, Path(tokenizer) if tokenizer is not None else None)
+    ckpt = Checkpoint(path, None, tensors, scales, extra, assets, "full", metadata, single,  # type: ignore[arg-type]
+                      assets_from)
+    where = path / "config.json"
+    if single:
+        raw = singlefile.embedded_config(path, metadata)
+        where = Path(f"{path} (metadata {singlefile.CONFIG_KEY})")
+        if raw is None and "config.json" in assets:
+            where = Path(assets_from) / "config.json"
+            try:
+                raw = json.loads(assets["config.json"])
+            except ValueError as err:
+                raise CheckpointError(f"{where}: cannot be read as JSON ({err})") from err
+        if raw is None:
+            tok, _ = ckpt.processors()
+            ids = {t: tok.convert_tokens_to_ids(t) for t in singlefile.CONFIG_TOKENS}
+            shapes = {n: e.shape for n, e in tensors.items()}
+            raw = singlefile.infer_config(shapes, ids, path)
+            where = Path(f"{path} (configuration inferred from the tensor shapes)")
+            log.info("configuration of %s inferred from its tensor shapes", path.name)
+    assert raw is not None
+    if not any(n.startswith(singlefile.DEEPSTACK) for n in tensors) and (raw.get("vision_config") or {}).get(
+            "deepstack_visual_indexes"):
+        log.warning("%s has no DeepStack mergers (model.visual.deepstack_merger_list): reference images reach the "
+                    "decoder without DeepStack features; text-to-image is unchanged", path.name)
+        raw = {**raw, "vision_config": {**raw["vision_config"], "deepstack_visual_indexes": []}}
+    ckpt.spec = spec_from_dict(raw, where)
+    ckpt.variant = choose_variant(path, variant)
+    return ckpt
+
+
+def _check(model: nn.Module, ckpt: Checkpoint) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    stored = {n: v for n, v in found.items() if not n.startswith(IGNORED_PREFIXES)}
+    stored = ckpt.tensors
     missing = sorted(set(expected) - set(stored))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -76,18 +262,17 @@ def _check(model: nn.Module, found: dict[str, tuple[Path, tuple[int, ...]]]) -> 
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"unexpected tensor(s): {', '.join(unexpected[:5])}{more}")
     for name, shape in expected.items():
-        file, got = stored[name]
-        if got != shape:
-            raise CheckpointError(f"{name}: shape {list(got)} in {file.name}, the config needs {list(shape)}")
-
-
-def _iter_tensors(files: Iterator[Path], device: torch.device,
-                  dtype_of: Callable[[str], torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in files:
-        with _open(file, str(device)) as f:
-            for name in f.keys():
-                if not name.startswith(IGNORED_PREFIXES):
-                    yield name, f.get_tensor(name).to(dtype_of(name))
+        got = stored[name]
+        if got.shape != shape:
+            raise CheckpointError(f"{name}: shape {list(got.shape)} in {got.file.name}, the config needs {list(shape)}")
+    modules = dict(model.named_modules())
+    for layer, scale in ckpt.scales.items():
+        if not isinstance(modules.get(layer), nn.Linear):
+            raise CheckpointError(f"{layer}.weight: float8 weights are only supported on linear layers")
+        rows = expected[layer + ".weight"][0]
+        if scale is not None and scale.shape not in ((), (1,), (rows,), (rows, 1)):
+            raise CheckpointError(f"{layer}: weight scale of shape {list(scale.shape)} in {scale.file.name}; "
+                                  f"must be one number or one per output row ({rows})")
 
 
 def gemm_weights(model: HiDreamO1) -> set[str]:
@@ -106,35 +291,72 @@ def _materialize_buffers(model: HiDreamO1, device: torch.device) -> None:
     visual.rotary_pos_emb = rotary.to(device)
 
 
-def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None,
+def _read_all(ckpt: Checkpoint, names: set[str], convert: Callable[[str, torch.Tensor], torch.Tensor]):
+    """(name, converted tensor) for `names`, file by file in storage order."""
+    by_file: dict[Path, list[tuple[str, Entry]]] = {}
+    for name in names:
+        entry = ckpt.tensors.get(name) or ckpt.scales.get(name.removesuffix(".weight_scale"))
+        assert entry is not None
+        by_file.setdefault(entry.file, []).append((name, entry))
+    for file, items in by_file.items():
+        with open(file, "rb") as f:
+            for name, entry in sorted(items, key=lambda item: item[1].start):
+                yield name, convert(name, read_tensor(f, entry))
+
+
+def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None,
                gemm_dtype: torch.dtype | None = None) -> HiDreamO1:
     """Build the model on the meta device and fill it straight from the files on `device` in `dtype`.
 
     `gemm_dtype`: the decoder's and generation parts' Linear weights in that dtype instead, the rest
     (embeddings, norms, the ViT) in `dtype`: bf16 GEMMs on a float32 residual stream. The ViT then
     runs under autocast to `gemm_dtype`, as the official code's "fp32" mode runs everything.
-    Every problem is found from the headers before any weight is read: a missing, unexpected or
-    misshapen tensor raises CheckpointError naming it.
+    fp8 layers keep their stored fp8 weights and compute in the dtype their weight would have had.
     """
-    spec = spec or load_spec(checkpoint)
-    files = weight_files(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     with torch.device("meta"):
-        model = HiDreamO1(spec)
-    _check(model, _scan(files))
+        model = HiDreamO1(spec or ckpt.spec)
+    _check(model, ckpt)
     gemms = gemm_weights(model) if gemm_dtype is not None else set()
-    loaded: set[str] = set()
+
+    def dtype_of(name: str) -> torch.dtype:
+        return gemm_dtype if name in gemms else dtype  # type: ignore[return-value]
+
+    fp8_weights = {layer + ".weight" for layer in ckpt.scales}
+    plain = set(ckpt.tensors) - fp8_weights
     batch: dict[str, torch.Tensor] = {}
-    for name, tensor in _iter_tensors(iter(files), device, lambda n: gemm_dtype if n in gemms else dtype):
+    for name, tensor in _read_all(ckpt, plain, lambda n, t: t.to(device, dtype_of(n))):
         batch[name] = tensor
         if len(batch) >= 64:
             model.load_state_dict(batch, strict=False, assign=True)
-            loaded.update(batch)
             batch = {}
     model.load_state_dict(batch, strict=False, assign=True)
-    loaded.update(batch)
+    if ckpt.scales:
+        _load_fp8(model, ckpt, device, dtype_of)
     _materialize_buffers(model, device)
     model.vision_autocast = gemm_dtype
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
     if still_meta:  # guarded by _check; a file changing under us would land here
         raise CheckpointError(f"tensor(s) not loaded: {', '.join(still_meta[:5])}")
     return model.eval().requires_grad_(False)
+
+
+def _load_fp8(model: HiDreamO1, ckpt: Checkpoint, device: torch.device,
+              dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Each stored fp8 layer becomes an Fp8Linear with its weight and scale (1 when the file has none)."""
+    from hidream.engine.fp8 import Fp8Linear
+
+    names = {layer + ".weight" for layer in ckpt.scales}
+    names |= {layer + ".weight_scale" for layer, scale in ckpt.scales.items() if scale is not None}
+    read = dict(_read_all(ckpt, names, lambda n, t: t.to(device)))
+    for layer in ckpt.scales:
+        parent, _, child = layer.rpartition(".")
+        old = model.get_submodule(layer)
+        scale = read.get(layer + ".weight_scale")
+        if scale is None:
+            scale = torch.ones((), device=device)
+        new = Fp8Linear.from_quantized(read[layer + ".weight"], scale.float().reshape(-1) if scale.numel() > 1
+                                       else scale.float().reshape(()), old.bias,
+                                       dtype_of(layer + ".weight"))
+        setattr(model.get_submodule(parent), child, new)
+

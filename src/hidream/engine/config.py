@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -22,6 +23,8 @@ IMAGE_POSITION_OFFSET = 4096
 TIMESTEP_TOKEN = "<|tms_token|>"
 BEGIN_IMAGE_TOKEN = "<|boi_token|>"
 VISION_END_TOKEN = "<|vision_end|>"
+# A single file's metadata entry naming its variant (full | dev).
+VARIANT_KEY = "hidream.variant"
 
 Variant = Literal["full", "dev"]
 SchedulerName = Literal["unipc", "flash", "euler"]
@@ -71,15 +74,37 @@ def recipe_for(variant: Variant, num_references: int) -> Recipe:
     return FULL_RECIPE
 
 
+def _file_variant(file: Path) -> tuple[Variant, str]:
+    """A single file's variant: its metadata's `hidream.variant` (what `hidream convert` writes), else a
+    `dev` word in its name (`hidream_o1_image_dev_bf16.safetensors`, `HiDream-O1-Image-Dev.safetensors`)."""
+    from hidream.engine.tensorfile import read_header
+
+    try:
+        stated = read_header(file).metadata.get(VARIANT_KEY)
+    except CheckpointError:  # unreadable: the loader says why
+        stated = None
+    if stated in ("full", "dev"):
+        return stated, f"the file's metadata {VARIANT_KEY}"  # type: ignore[return-value]
+    words = re.split(r"[^a-z0-9]+", file.stem.lower())
+    return ("dev" if "dev" in words else "full"), f"the file name {file.name}"
+
+
 def detect_variant(checkpoint: Path) -> Variant:
-    """Guess the variant from the directory name, as published (`HiDream-O1-Image-Dev`).
+    """Guess the variant from the directory name, as published (`HiDream-O1-Image-Dev`), or a single file's
+    metadata or name.
 
     A Hugging Face cache snapshot (`models--HiDream-ai--HiDream-O1-Image-Dev/snapshots/<hash>`) is named by
     its repository's directory.
     """
+    return _detect(checkpoint)[0]
+
+
+def _detect(checkpoint: Path) -> tuple[Variant, str]:
+    if checkpoint.suffix == ".safetensors" and not checkpoint.is_dir():
+        return _file_variant(checkpoint)
     path = checkpoint.resolve()
     name = path.parent.parent.name if path.parent.name == "snapshots" else path.name
-    return "dev" if name.lower().endswith("-dev") else "full"
+    return ("dev" if name.lower().endswith("-dev") else "full"), f"the directory name {path.name}"
 
 
 def choose_variant(checkpoint: Path, override: Variant | None = None) -> Variant:
@@ -87,8 +112,8 @@ def choose_variant(checkpoint: Path, override: Variant | None = None) -> Variant
     if override is not None:
         log.info("variant %s (from --variant)", override)
         return override
-    variant = detect_variant(checkpoint)
-    log.info("variant %s (from the directory name %s; --variant overrides)", variant, checkpoint.resolve().name)
+    variant, why = _detect(checkpoint)
+    log.info("variant %s (from %s; --variant overrides)", variant, why)
     return variant
 
 
@@ -152,8 +177,8 @@ def spec_from_config(config: Qwen3VLConfig) -> ModelSpec:
                      vision_start_token_id=config.vision_start_token_id)
 
 
-def load_spec(checkpoint: Path) -> ModelSpec:
-    """Read and check `config.json` of a checkpoint directory."""
+def read_config(checkpoint: Path) -> dict:
+    """`config.json` of a checkpoint directory, as a dict that names a qwen3_vl model."""
     path = checkpoint / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{checkpoint}: not a HiDream-O1 checkpoint (no config.json)")
@@ -164,10 +189,23 @@ def load_spec(checkpoint: Path) -> ModelSpec:
     if not isinstance(raw, dict) or raw.get("model_type") != "qwen3_vl":
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: model_type: must be 'qwen3_vl' (got {got!r}); not a HiDream-O1 checkpoint")
+    return raw
+
+
+def spec_from_dict(raw: dict, where: Path | str) -> ModelSpec:
+    """The checked spec of a config.json dict; errors name `where` it came from."""
+    if raw.get("model_type") != "qwen3_vl":
+        raise CheckpointError(f"{where}: model_type: must be 'qwen3_vl' (got {raw.get('model_type')!r}); "
+                              "not a HiDream-O1 checkpoint")
     from transformers import Qwen3VLConfig
 
     try:
         config = Qwen3VLConfig.from_dict(raw)
     except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: not a valid Qwen3-VL config ({err})") from err
+        raise CheckpointError(f"{where}: not a valid Qwen3-VL config ({err})") from err
     return spec_from_config(config)
+
+
+def load_spec(checkpoint: Path) -> ModelSpec:
+    """Read and check `config.json` of a checkpoint directory."""
+    return spec_from_dict(read_config(checkpoint), checkpoint / "config.json")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from hidream.engine import images as img
-from hidream.engine.checkpoint import load_model
-from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, choose_variant, load_spec, recipe_for
+from hidream.engine.checkpoint import load_model, open_checkpoint
+from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, recipe_for
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.host import keep_freed_memory
 from hidream.engine.model import HiDreamO1, VisualInjection
@@ -127,6 +127,20 @@ PRECISIONS: tuple[Precision, ...] = ("bf16", "bf16-fp32acc", "fp32")
 FP16_REFUSED = "fp16 is not supported: Qwen3 activations overflow float16; use bf16"
 
 
+Quantize = Literal["fp8"]
+Offload = Literal["none", "layers"]
+OFFLOADS = ("none", "layers", "auto")
+
+
+def resolve_quantize(quantize: str | None) -> Quantize | None:
+    """None or "fp8" ("none" is None)."""
+    if quantize in (None, "none"):
+        return None
+    if quantize != "fp8":
+        raise InvalidRequestError("quantize", f"must be none or fp8 (got {quantize!r})")
+    return "fp8"
+
+
 def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: torch.device) -> Precision:
     """The precision mode asked for (by name, or by a plain dtype), else bf16 on CUDA and fp32 on the CPU."""
     if dtype == torch.float16 or precision in ("fp16", "float16"):
@@ -143,38 +157,35 @@ def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: 
     return precision  # type: ignore[return-value]
 
 
-def _load_processors(checkpoint: Path):
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint}: tokenizer files missing or unreadable ({err})") from err
-    if not (checkpoint / "preprocessor_config.json").is_file():
-        raise CheckpointError(f"{checkpoint}: preprocessor_config.json missing")
-    try:
-        processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint}/preprocessor_config.json: unreadable ({err})") from err
-    return tokenizer, processor
-
-
 class Engine:
     """A loaded checkpoint, warm for any number of requests."""
 
     def __init__(self, model: HiDreamO1, encoder: PromptEncoder, variant: Variant, checkpoint: Path,
-                 precision: Precision | None = None, compile: bool = False, fuse: bool = True) -> None:
-        """`model` is used as given, then (once) its projections fused and, with `compile`, its layer compiled."""
+                 precision: Precision | None = None, compile: bool = False, fuse: bool = True,
+                 offload: Offload = "none", device: torch.device | None = None) -> None:
+        """`model` is used as given, then (once) its projections fused; with offload "layers" its decoder
+        layers stay on the host and stream to `device` (all else is moved there); with `compile`, its
+        layer compiled. Without offload, `device` is where the model's weights are."""
         self.model = model
         self.encoder = encoder
         self.variant = variant
         self.checkpoint = checkpoint
         weight = model.model.language_model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype  # dtype: the residual stream's and the latent's
+        self.device, self.dtype = device or weight.device, weight.dtype  # dtype: the residual stream's and latent's
         self.precision = precision or ("fp32" if self.dtype == torch.float32 else "bf16")
         if fuse and model.layers[0].self_attn.qkv_proj is None:
             model.fuse_projections()
+        fp8 = any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+        self.quantize: Quantize | None = "fp8" if fp8 else None
+        self.offload: Offload = offload
+        if offload == "layers":
+            from hidream.engine.offload import enable_offload
+
+            enable_offload(model, self.device)
+        elif offload != "none":
+            raise InvalidRequestError("offload", f"must be none or layers here (got {offload!r})")
+        elif weight.device != self.device:
+            model.to(self.device)
         self.compiled = compile
         if compile:
             model.compile_layers()
@@ -182,28 +193,41 @@ class Engine:
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, variant: Variant | None = None, *,
-             precision: Precision | None = None, compile: bool = False, fuse: bool = True) -> Engine:
-        """Load a checkpoint directory in the official layout (CUDA and bf16 when available).
+             precision: Precision | None = None, compile: bool = False, fuse: bool = True,
+             quantize: str | None = None, offload: str = "none", tokenizer: str | Path | None = None) -> Engine:
+        """Load an official checkpoint directory or a single `.safetensors` file (CUDA and bf16 when available).
 
         precision: bf16 | bf16-fp32acc | fp32 (see PRECISIONS); `dtype` is the older spelling of
         bf16/fp32. fp16 is refused. compile: regional torch.compile of the decoder layer for the steps.
-        fuse=False keeps q/k/v and gate/up as separate GEMMs (for comparisons).
+        fuse=False keeps q/k/v and gate/up as separate GEMMs (for comparisons). quantize "fp8": the
+        decoder's linear layers stored in fp8 (a file's own fp8 layers always are). offload: none |
+        layers | auto (layers when the model does not fit the device's free memory). tokenizer: the
+        directory of tokenizer and processor files, for a single file that carries none.
         """
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: no such checkpoint directory")
         device = resolve_device(device)
         precision = resolve_precision(precision, dtype, device)
+        quantize = resolve_quantize(quantize)
+        if offload not in OFFLOADS:
+            raise InvalidRequestError("offload", f"must be one of {', '.join(OFFLOADS)} (got {offload!r})")
         if device.type == "cpu":
             keep_freed_memory()
-        spec = load_spec(path)
-        tokenizer, processor = _load_processors(path)
-        encoder = PromptEncoder(tokenizer, processor, spec.image_token_id)
-        if precision == "bf16-fp32acc":
-            model = load_model(path, device, torch.float32, spec, gemm_dtype=torch.bfloat16)
-        else:
-            model = load_model(path, device, torch.bfloat16 if precision == "bf16" else torch.float32, spec)
-        return cls(model, encoder, choose_variant(path, variant), path, precision, compile, fuse)
+        ckpt = open_checkpoint(checkpoint, tokenizer=tokenizer, variant=variant)
+        tokenizer_, processor = ckpt.processors()
+        encoder = PromptEncoder(tokenizer_, processor, ckpt.spec.image_token_id)
+        dtype = torch.float32 if precision in ("fp32", "bf16-fp32acc") else torch.bfloat16
+        gemm = torch.bfloat16 if precision == "bf16-fp32acc" else None
+        # Weights that change form (fp8) or may stay on the host (offload) are loaded on the host first.
+        staged = quantize is not None or offload != "none"
+        model = load_model(ckpt, torch.device("cpu") if staged else device, dtype, gemm_dtype=gemm)
+        if quantize == "fp8":
+            from hidream.engine.fp8 import quantize_model
+
+            quantize_model(model)
+        if offload == "auto":
+            from hidream.engine.offload import choose_offload
+
+            offload = choose_offload(offload, model, device)
+        return cls(model, encoder, ckpt.variant, ckpt.path, precision, compile, fuse, offload, device)
 
     # --- the request ----------------------------------------------------------------------------
 
