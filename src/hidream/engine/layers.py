@@ -37,12 +37,26 @@ class Linear(nn.Linear):
     bf16 output is added to the float32 stream by the caller; with one dtype throughout it is nn.Linear.
     """
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the GEMM's input and output (an fp8 layer's weight is stored in another)."""
+        return self.weight.dtype
+
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
-def fuse_linears(parts: list[nn.Linear]) -> Linear:
-    """One Linear computing every part's output side by side (outputs concatenated in order)."""
+def fuse_linears(parts: list[nn.Linear]) -> Linear | None:
+    """One Linear computing every part's output side by side (outputs concatenated in order).
+
+    fp8 parts give one Fp8Linear with their rows and scales concatenated; fp8 beside plain parts, or fp8
+    parts of different compute dtypes, give None: such a group stays unfused.
+    """
+    from hidream.engine.fp8 import Fp8Linear, fuse_fp8  # fp8.py builds on this module
+
+    fp8 = [isinstance(p, Fp8Linear) for p in parts]
+    if any(fp8):
+        return fuse_fp8(parts) if all(fp8) else None  # type: ignore[arg-type]
     first = parts[0]
     bias = first.bias is not None
     fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=bias,
