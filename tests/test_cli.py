@@ -410,3 +410,230 @@ def test_bench_passes_precision_and_compile(tmp_path: Path, capsys, monkeypatch)
 
     report = json.loads(out.read_text())
     assert (report["precision"], report["dtype"]) == ("bf16-fp32acc", "float32")
+
+
+# --- fp8, offload, a tokenizer for a single file; convert ------------------------------------------------
+
+NEW_OPTIONS = ("quantize", "offload", "tokenizer")
+
+
+@pytest.fixture
+def new_load_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Engine.load's keyword arguments, each call; the real load of the demo checkpoint runs without the
+    loading options (fp8 and offload are the engine's to test), then says what it was asked."""
+    from hidream.engine.pipeline import Engine
+
+    calls: list[dict] = []
+    real = Engine.load.__func__
+
+    def load(cls, checkpoint, **kwargs):
+        calls.append(kwargs)
+        engine = real(cls, checkpoint, **{k: v for k, v in kwargs.items() if k not in (*NEW_OPTIONS, "compile")})
+        engine.quantize, engine.offload = kwargs.get("quantize"), {"auto": "layers"}.get(kwargs.get("offload"),
+                                                                                          kwargs.get("offload", "none"))
+        return engine
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    return calls
+
+
+def test_generate_passes_quantize_offload_and_tokenizer(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                        new_load_calls: list[dict]) -> None:
+    generate(capsys, demo_checkpoint, tmp_path / "a.png", *FAST, "--quantize", "fp8", "--offload", "auto",
+             "--tokenizer", demo_checkpoint)
+    assert new_load_calls == [{"device": None, "variant": None, "quantize": "fp8", "offload": "auto",
+                               "tokenizer": demo_checkpoint}]
+    generate(capsys, demo_checkpoint, tmp_path / "b.png", *FAST, "--quantize", "none", "--offload", "layers")
+    assert new_load_calls[-1] == {"device": None, "variant": None, "offload": "layers"}  # none: not passed
+    generate(capsys, demo_checkpoint, tmp_path / "c.png", *FAST, "--offload", "none")
+    assert new_load_calls[-1] == {"device": None, "variant": None}  # an engine without the options still loads
+
+
+LOADING_FLAG_ERRORS = {
+    "quantize-fp4": (["--quantize", "fp4"], "error: --quantize: must be one of none, fp8 (got 'fp4'"),
+    "offload-cpu": (["--offload", "cpu"], "error: --offload: must be one of none, layers, auto (got 'cpu'"),
+    "tokenizer-missing": (["--tokenizer", "{tmp}/no-such-dir"], "error: --tokenizer: must be a directory with the "
+                          "tokenizer and image-processor files ({tmp}/no-such-dir does not exist)\n"),
+    "tokenizer-file": (["--tokenizer", "{tmp}/file.txt"], "error: --tokenizer: must be a directory with the "
+                       "tokenizer and image-processor files ({tmp}/file.txt is a file)\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOADING_FLAG_ERRORS))
+def test_loading_flag_errors_name_the_flag_before_loading(tmp_path: Path, demo_checkpoint: Path, capsys, case: str,
+                                                          new_load_calls: list[dict]) -> None:
+    (tmp_path / "file.txt").write_text("not a directory")
+    args, says = LOADING_FLAG_ERRORS[case]
+    args = [a.format(tmp=tmp_path) for a in args]
+    for command in (["generate", "a cat", *FAST, "-o", str(tmp_path / "o.png")], ["bench", "--size", "64x64"]):
+        try:
+            code = main([*command, "--model", str(demo_checkpoint), *args])
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        assert code == 2, (command, out, err)
+        assert err.startswith(says.format(tmp=tmp_path)), err
+        assert "Traceback" not in err
+    assert new_load_calls == []
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_help_lists_the_loading_flags(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    for command in ("generate", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag, says in (("--model MODEL", ("or a single .safetensors file",)),
+                           ("--quantize {none,fp8}", ("fp8: the weights quantized to float8 at load", "default: none")),
+                           ("--offload {none,layers,auto}", ("streamed from host memory", "default: none")),
+                           ("--tokenizer DIR", ("for a single .safetensors file that carries none",))):
+            block = re.search(rf"^  {re.escape(flag)}(?: [^\n]*)?(?:\n {{10,}}[^\n]*)*", text, re.M)
+            assert block and all(s in " ".join(block.group(0).split()) for s in says), (command, flag, text)
+
+
+def test_bench_passes_the_loading_flags_and_refuses_them_without_a_checkpoint(
+        tmp_path: Path, demo_checkpoint: Path, capsys, new_load_calls: list[dict]) -> None:
+    assert main(["bench", "--model", str(demo_checkpoint), "--device", "cpu", "--size", "64x64", "--steps", "1",
+                 "--quantize", "fp8", "--offload", "layers", "--tokenizer", str(demo_checkpoint)]) == 0
+    capsys.readouterr()
+    assert new_load_calls == [{"device": new_load_calls[0]["device"], "variant": None, "quantize": "fp8",
+                               "offload": "layers", "tokenizer": demo_checkpoint}]
+    for extra, why in ((["--config", "demo"], "not --config demo (random weights)"),
+                       (["--dry-run"], "not --dry-run")):
+        for flag, value in (("--quantize", "fp8"), ("--offload", "auto"), ("--tokenizer", str(demo_checkpoint))):
+            code, _, err = run_cli(capsys, "bench", *extra, flag, value)
+            assert code == 2 and err.startswith(f"error: {flag}: applies to a loaded checkpoint (--model), {why}"), err
+    assert len(new_load_calls) == 1
+
+
+def test_the_service_passes_quantize_offload_and_tokenizer_and_logs_them(
+        tmp_path: Path, new_load_calls: list[dict], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from hidream.service.runtime import engine_loader
+    from hidream.service.settings import load_settings
+
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    env = {"HIDREAM_HOME": str(tmp_path), "HIDREAM_QUANTIZE": "fp8", "HIDREAM_OFFLOAD": "auto",
+           "HIDREAM_TOKENIZER": str(tokenizer)}
+    with caplog.at_level(logging.INFO, logger="hidream"):
+        engine_loader(load_settings(env))()
+    assert new_load_calls[-1] == {"device": None, "variant": None, "quantize": "fp8", "offload": "auto",
+                                  "tokenizer": tokenizer}
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model loaded")]
+    assert f"(fp32, fp8 weights, offload layers, tokenizer from {tokenizer})" in line  # auto, as resolved
+    engine_loader(load_settings({"HIDREAM_HOME": str(tmp_path), "HIDREAM_QUANTIZE": "none",
+                                 "HIDREAM_OFFLOAD": "none"}))()
+    assert new_load_calls[-1] == {"device": None, "variant": None}  # none: not passed
+
+
+def test_an_engine_without_the_new_attributes_is_logged_with_what_was_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from hidream.engine.pipeline import Engine
+    from hidream.service.runtime import engine_loader
+    from hidream.service.settings import Settings
+
+    class OldEngine:  # what Engine.load returned before fp8 and offload: no quantize, no offload
+        device, dtype, precision, variant = "cpu", "torch.float32", "fp32", "full"
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, checkpoint, **kwargs: OldEngine()))
+    with caplog.at_level(logging.INFO, logger="hidream"):
+        engine_loader(Settings(home=tmp_path, model=str(tmp_path / "m.safetensors"), quantize="fp8",
+                               offload="layers"))()
+    assert any(f"model loaded from {tmp_path / 'm.safetensors'} on cpu (fp32, fp8 weights, offload layers)"
+               in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"HIDREAM_QUANTIZE": "fp4"}, "error: HIDREAM_QUANTIZE: cannot use 'fp4' (must be one of none, fp8)\n"),
+    ({"HIDREAM_OFFLOAD": "disk"}, "error: HIDREAM_OFFLOAD: cannot use 'disk' (must be one of none, layers, auto)\n"),
+    ({"HIDREAM_TOKENIZER": "/no/such/tokenizer"}, "error: --tokenizer: must be a directory with the tokenizer and "
+                                                  "image-processor files (/no/such/tokenizer does not exist)\n"),
+])
+def test_the_worker_refuses_bad_loading_settings_in_one_line(tmp_path: Path, capsys, monkeypatch, env: dict,
+                                                             says: str, new_load_calls: list[dict]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, "worker", "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert code == 2
+    assert err.endswith(says) and "Traceback" not in err, err
+    assert new_load_calls == []
+
+
+def test_the_service_refuses_bad_loading_settings_built_in_code(tmp_path: Path) -> None:
+    from hidream.service.errors import ServiceError
+    from hidream.service.runtime import load_engine
+    from hidream.service.settings import Settings
+
+    for changes, says in (({"quantize": "int4"}, "--quantize: must be one of none, fp8 (got 'int4')"),
+                          ({"offload": "yes"}, "--offload: must be one of none, layers, auto (got 'yes')"),
+                          ({"tokenizer": tmp_path / "nope"}, "--tokenizer: must be a directory")):
+        with pytest.raises(ServiceError) as caught:
+            load_engine(Settings(home=tmp_path, **changes))
+        assert caught.value.message.startswith(says), caught.value.message
+
+
+def test_serve_and_worker_take_the_loading_flags(tmp_path: Path, capsys) -> None:
+    from hidream.cli import build_parser, service_settings
+
+    for command in ("serve", "worker"):
+        args = build_parser().parse_args([command, "--quantize", "fp8", "--offload", "auto", "--tokenizer",
+                                          str(tmp_path), "--model", str(tmp_path / "HiDream-O1-Image-Dev.safetensors")])
+        s = service_settings(args)
+        assert (s.quantize, s.offload, s.tokenizer) == ("fp8", "auto", tmp_path)
+        assert s.model == str(tmp_path / "HiDream-O1-Image-Dev.safetensors") and s.served_variant == "dev"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--quantize", "fp16"])
+    assert capsys.readouterr().err.startswith("error: --quantize: must be one of none, fp8 (got 'fp16')")
+    for command in (["keys", "list"], ["status"]):  # they load no model
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--offload", "layers"])
+        assert "unknown option --offload (" in capsys.readouterr().err
+
+
+def test_convert_parses_its_arguments_and_runs_hidream_convert(tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    seen = []
+    fake = types.ModuleType("hidream.convert")
+    fake.run = lambda args: seen.append(args) or 0
+    monkeypatch.setitem(sys.modules, "hidream.convert", fake)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst.safetensors")]) == 0
+    [args] = seen
+    assert (args.src, args.dst) == (str(tmp_path / "src"), str(tmp_path / "dst.safetensors"))
+    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling) == ("bf16", [], None, None, "row")
+    assert main(["convert", "a", "b.safetensors", "--dtype", "fp8", "--drop", "lm_head,deepstack,lm_head",
+                 "--tokenizer", "tok", "--variant", "dev", "--fp8-scaling", "tensor"]) == 0
+    args = seen[-1]
+    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling) == (
+        "fp8", ["lm_head", "deepstack"], "tok", "dev", "tensor")
+
+    def refuse(args):
+        from hidream.engine.errors import CheckpointError
+
+        raise CheckpointError(f"{args.src}: not a HiDream-O1 checkpoint (no config.json)")
+
+    fake.run = refuse
+    code, _, err = run_cli(capsys, "convert", "nowhere", "b.safetensors")
+    assert (code, err) == (2, "error: nowhere: not a HiDream-O1 checkpoint (no config.json)\n")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["a", "b", "--drop", "lm_head,vision"], "error: --drop: must be a comma list of lm_head, deepstack "
+                                             "(got 'lm_head,vision')"),
+    (["a", "b", "--drop", ","], "error: --drop: must be a comma list of lm_head, deepstack (got ',')"),
+    (["a", "b", "--dtype", "fp16"], "error: --dtype: must be one of bf16, fp8 (got 'fp16'"),
+    (["a", "b", "--fp8-scaling", "block"], "error: --fp8-scaling: must be one of row, tensor (got 'block')"),
+    (["a"], "error: convert: missing DST"),
+])
+def test_convert_argument_errors_are_one_line(capsys, args: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(says) and err.endswith("see: hidream convert --help\n"), err

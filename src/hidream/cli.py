@@ -1,4 +1,4 @@
-"""The `hidream` command: generate | submit | serve | worker | keys | status | demo-model | bench."""
+"""The `hidream` command: generate | submit | serve | worker | keys | status | demo-model | bench | convert."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from hidream.rules import (
 )
 from hidream.service.errors import ServiceError
 from hidream.service.settings import (
-    DTYPES, ENV_NAMES, HELP, PARSERS, PRECISIONS, default_home, help_text, precision_of, shown_default,
+    CHECKPOINT_HELP, DTYPES, ENV_NAMES, HELP, OFFLOAD, PARSERS, PRECISIONS, QUANTIZE, default_home, help_text,
+    precision_of, shown_default,
 )
 from hidream.sizes import SIZE_HELP, resolve_size
 
@@ -32,7 +33,8 @@ ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance"
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
                 "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
-                "compile": "--compile", "scheduler": "--scheduler", "timesteps": "--timesteps",
+                "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
+                "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
                 "noise_clip_std": "--noise-clip-std"}
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
@@ -71,10 +73,28 @@ def _dtype(args: argparse.Namespace, note: bool = True) -> str | None:
     return precision
 
 
+def _tokenizer(args: argparse.Namespace) -> Path | None:
+    """--tokenizer DIR, checked to be a directory; None when not given."""
+    raw = getattr(args, "tokenizer", None)
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        why = "is a file" if path.exists() else "does not exist"
+        raise InvalidRequestError("--tokenizer", f"must be a directory with the tokenizer and image-processor "
+                                                 f"files ({path} {why})")
+    return path
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Engine.load's precision and compile, from the flags; only those set (an engine without them loads)."""
+    """Engine.load's precision, compile, quantize, offload and tokenizer, from the flags; only those set (an
+    engine without them loads). An error names the flag."""
     precision = _dtype(args)
-    return {k: v for k, v in (("precision", precision), ("compile", getattr(args, "compile", False))) if v}
+    quantize, offload = getattr(args, "quantize", None), getattr(args, "offload", None)
+    return {k: v for k, v in (("precision", precision), ("compile", getattr(args, "compile", False)),
+                              ("quantize", None if quantize == "none" else quantize),
+                              ("offload", None if offload == "none" else offload),
+                              ("tokenizer", _tokenizer(args))) if v}
 
 
 def _timesteps(raw: str) -> list[int]:
@@ -179,10 +199,10 @@ class _Removed(argparse.Action):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory in the official layout (default: $HIDREAM_MODEL, "
-                                   "else the demo checkpoint, whose images are noise)")
-    p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the directory name; "
-                                                              "'-Dev' means dev)")
+    p.add_argument("--model", help=f"{CHECKPOINT_HELP} (default: $HIDREAM_MODEL, else the demo checkpoint, "
+                                   "whose images are noise)")
+    p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the checkpoint: a name "
+                                                              "ending in -Dev, or a single file's metadata)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",  # checked by precision_of: fp16 gets its reason
                    help="bf16: weights and activations in bf16; bf16-fp32acc: bf16 matmuls on a float32 residual "
@@ -191,6 +211,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layer (regional): faster steps after a warm-up per image size")
     p.add_argument("--dtype", choices=DTYPES, help="deprecated: use --precision; bf16 or fp32 (fp16 is refused)")
+    p.add_argument("--quantize", choices=QUANTIZE, help=f"{HELP['quantize']} (default: none)")
+    p.add_argument("--offload", choices=OFFLOAD, help=f"{HELP['offload']} (default: none)")
+    p.add_argument("--tokenizer", metavar="DIR", help=f"{HELP['tokenizer']} (default: the checkpoint's own)")
 
 
 def output_paths(out: Path, count: int, fmt: str) -> list[Path]:
@@ -244,6 +267,7 @@ def check_request_flags(args: argparse.Namespace) -> None:
         raise InvalidRequestError("--ref", f"at most {MAX_REFERENCES} images (got {len(args.ref)})")
     if args.command == "generate":
         _dtype(args, note=False)
+        _tokenizer(args)
         check_sampling_flags(args, None)
 
 
@@ -424,7 +448,17 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_only_flags(args: argparse.Namespace, instead_of: str) -> None:
+    """--quantize, --offload and --tokenizer load a checkpoint: refused with --config or --dry-run."""
+    for flag, value in (("--quantize", args.quantize), ("--offload", args.offload), ("--tokenizer", args.tokenizer)):
+        if value not in (None, "none"):
+            raise InvalidRequestError(flag, f"applies to a loaded checkpoint (--model), not {instead_of}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.dry_run or args.config:  # no checkpoint is loaded: the loading flags would be ignored
+        _checkpoint_only_flags(args, "--dry-run (its estimates are of bf16 weights on the device)" if args.dry_run
+                               else f"--config {args.config} (random weights)")
     if args.dry_run:
         from hidream.dry_run import run_dry_run
 
@@ -436,10 +470,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+# --- convert -----------------------------------------------------------------------------------------------
+
+DROPPABLE = ("lm_head", "deepstack")
+
+
+def _drop(raw: str) -> list[str]:
+    """--drop lm_head,deepstack: a comma list of the parts the image model never uses."""
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    unknown = [n for n in names if n not in DROPPABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(DROPPABLE)} (got {raw!r})")
+    return list(dict.fromkeys(names))
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of `hidream convert` (what hidream.convert.run reads)."""
+    p.add_argument("src", metavar="SRC", help=f"the checkpoint to convert: {CHECKPOINT_HELP}")
+    p.add_argument("dst", metavar="DST", help="the single .safetensors file to write")
+    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="the weights' type in DST: bf16, or fp8 (the decoder's linear weights in float8 with "
+                        "scales; about half the size) (default: bf16)")
+    p.add_argument("--drop", type=_drop, default=[], metavar="PART[,PART]",
+                   help=f"leave out parts the image model never uses, a comma list of {', '.join(DROPPABLE)} "
+                        "(default: keep everything)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="the tokenizer and image-processor files, when SRC is a single file that carries none")
+    p.add_argument("--variant", choices=["full", "dev"],
+                   help="the recipe recorded in DST's metadata (default: from SRC: a name ending in -Dev, or a "
+                        "single file's metadata)")
+    p.add_argument("--fp8-scaling", choices=["row", "tensor"], default="row",
+                   help="with --dtype fp8: one scale per output row, or one per tensor (default: row)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hidream.convert import run
+
+    return run(args)
+
+
 # --- the service's commands --------------------------------------------------------------------------------
 
 _DATABASE = ("home", "database_url")
-_ENGINE = ("model", "variant", "device", "dtype", "precision", "compile")
+_ENGINE = ("model", "variant", "device", "dtype", "precision", "compile", "quantize", "offload", "tokenizer")
 _STORAGE = ("storage_dir", "storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id",
             "s3_secret_access_key", "url_ttl_s")
 # The settings each command reads (its flags): `serve` all of them; `worker` its model, the database, the
@@ -455,7 +528,9 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 # Secrets are read from a file or the environment, never from a flag's value (which `ps` shows to everyone).
 SECRET_FILE_FLAGS = {"secret": "--secret-file", "s3_secret_access_key": "--s3-secret-access-key-file"}
-_CHOICES = {"variant": ["full", "dev"], "dtype": list(DTYPES), "precision": list(PRECISIONS)}
+_CHOICES = {"variant": ["full", "dev"], "dtype": list(DTYPES), "precision": list(PRECISIONS),
+            "quantize": list(QUANTIZE), "offload": list(OFFLOAD)}
+_METAVARS = {"tokenizer": "DIR"}
 
 
 def setting_flag(name: str) -> str:
@@ -481,10 +556,10 @@ def add_service_args(p: argparse.ArgumentParser, command: str) -> None:
         if name == "compile":  # a switch: --compile, or HIDREAM_COMPILE=true
             group.add_argument(flag, dest=f"svc_{name}", action="store_const", const=True, help=help_text(name))
             continue
-        parse = PARSERS[name]
+        parse = str if name in _CHOICES else PARSERS[name]  # a choice's error is argparse's: `must be one of ...`
         kind = {int: "an integer", float: "a number"}.get(parse)
-        group.add_argument(flag, dest=f"svc_{name}", metavar=name.upper(), type=_typed(parse, kind),
-                           choices=_CHOICES.get(name), help=help_text(name))
+        group.add_argument(flag, dest=f"svc_{name}", metavar=_METAVARS.get(name, name.upper()),
+                           type=_typed(parse, kind), choices=_CHOICES.get(name), help=help_text(name))
     if command == "serve":
         group.add_argument("--no-worker", action="store_true",
                            help="API only: no worker in this process; run `hidream worker` elsewhere "
@@ -694,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tflops", type=NUMBER, default=800.0,
                    help="dense throughput for the --dry-run floor, in TFLOP/s (default 800)")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("convert", help="repack a checkpoint as one .safetensors file (ComfyUI-style), in bf16 or fp8",
+                       description="Write SRC (an official checkpoint directory, or a single .safetensors file) as "
+                                   "one .safetensors file DST, which --model and HIDREAM_MODEL load.")
+    add_convert_args(c)
+    c.set_defaults(func=cmd_convert)
     return parser
 
 

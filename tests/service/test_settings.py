@@ -41,3 +41,32 @@ def test_dev_checkpoints_default_to_the_dev_recipe() -> None:
     assert Settings(model="/ckpt/HiDream-O1-Image-Dev").recipe_defaults == (28, 1.0)
     assert Settings(model="/ckpt/HiDream-O1-Image").recipe_defaults == (50, 5.0)
     assert Settings(model="/ckpt/anything", variant="dev").recipe_defaults == (28, 1.0)
+
+
+def test_quantize_offload_and_tokenizer(tmp_path: Path) -> None:
+    assert (Settings().quantize, Settings().offload, Settings().tokenizer) == ("none", "none", None)
+    env = {"HIDREAM_QUANTIZE": "FP8", "HIDREAM_OFFLOAD": "auto", "HIDREAM_TOKENIZER": str(tmp_path)}
+    s = load_settings(env)
+    assert (s.quantize, s.offload, s.tokenizer) == ("fp8", "auto", tmp_path)
+    assert load_settings(env, quantize="none", offload="layers").quantize == "none"  # a flag beats the variable
+    args = build_parser().parse_args(["worker", "--quantize", "fp8", "--offload", "layers", "--tokenizer",
+                                      str(tmp_path)])
+    s = service_settings(args)
+    assert (s.quantize, s.offload, s.tokenizer) == ("fp8", "layers", tmp_path)
+
+
+@pytest.mark.parametrize(("name", "value", "rule"), [
+    ("HIDREAM_QUANTIZE", "fp4", "HIDREAM_QUANTIZE: cannot use 'fp4' (must be one of none, fp8)"),
+    ("HIDREAM_QUANTIZE", "int8", "HIDREAM_QUANTIZE: cannot use 'int8' (must be one of none, fp8)"),
+    ("HIDREAM_OFFLOAD", "cpu", "HIDREAM_OFFLOAD: cannot use 'cpu' (must be one of none, layers, auto)"),
+])
+def test_bad_quantize_and_offload_name_the_variable_and_the_rule(name: str, value: str, rule: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        load_settings({name: value})
+    assert caught.value.message == rule
+
+
+def test_a_single_file_checkpoint_names_its_variant(tmp_path: Path) -> None:
+    assert Settings(model=str(tmp_path / "HiDream-O1-Image-Dev.safetensors")).served_variant == "dev"
+    assert Settings(model=str(tmp_path / "HiDream-O1-Image.safetensors")).recipe_defaults == (50, 5.0)
+    assert Settings(model=str(tmp_path / "HiDream-O1-Image-Dev-fp8.safetensors"), variant="dev").served_variant == "dev"
