@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -200,7 +201,7 @@ def spec_from_dict(raw: dict, where: Path | str) -> ModelSpec:
     from transformers import Qwen3VLConfig
 
     try:
-        config = Qwen3VLConfig.from_dict(raw)
+        config = Qwen3VLConfig.from_dict(copy.deepcopy(raw))  # it edits the dict it is given
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where}: not a valid Qwen3-VL config ({err})") from err
     return spec_from_config(config)
