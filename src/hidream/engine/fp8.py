@@ -56,6 +56,7 @@ def dequantize(w8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return w8.to(dtype) * s
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: asked once, when the layer is traced
 def scaled_mm_supported(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether `torch._scaled_mm` is used there: CUDA at compute capability 8.9+ (Ada, Hopper, Blackwell),
     bf16 compute, and HIDREAM_FP8_MATMUL not "0"."""
@@ -63,9 +64,6 @@ def scaled_mm_supported(device: torch.device, dtype: torch.dtype = torch.bfloat1
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
-
-# Under torch.compile the answer is taken once, when the layer is traced (SCALED_MM stays guarded).
-_supported = torch.compiler.assume_constant_result(scaled_mm_supported)
 
 
 class Fp8Linear(Linear):
@@ -97,6 +95,8 @@ class Fp8Linear(Linear):
     def from_float(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
                    per_row: bool = True) -> Fp8Linear:
         """`linear` quantized (absmax, per row or per tensor); computes in `compute_dtype`, else its weight's dtype."""
+        if isinstance(linear, Fp8Linear):
+            raise ValueError("the layer is fp8 already")
         w8, scale = quantize_weight(linear.weight.detach(), per_row)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls.from_quantized(w8, scale, bias, compute_dtype or linear.weight.dtype)
@@ -125,7 +125,7 @@ class Fp8Linear(Linear):
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in] -> [..., out] in compute_dtype."""
         x = x.to(self.compute_dtype)
-        scaled = SCALED_MM if SCALED_MM is not None else _supported(x.device, self.compute_dtype)
+        scaled = SCALED_MM if SCALED_MM is not None else scaled_mm_supported(x.device, self.compute_dtype)
         if scaled and self.in_features % 16 == 0 and self.out_features % 16 == 0:  # _scaled_mm's layout rule
             return self._scaled_forward(x)
         return F.linear(x, dequantize(self.weight, self.weight_scale, self.compute_dtype), self.bias)
