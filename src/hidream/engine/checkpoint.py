@@ -105,6 +105,7 @@ class Checkpoint:
 
     path: Path
     spec: ModelSpec
+    config: dict  # the config.json the spec was made from
     tensors: dict[str, Entry]  # the model's tensors by official name (an fp8 layer's weight among them)
     scales: dict[str, Entry | None]  # fp8 layers (`...mlp.down_proj`): their stored weight scale, if any
     extra: dict[str, Entry]  # stored, not part of the model (lm_head)
@@ -184,20 +185,23 @@ def _sort(entries: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, Entry 
     return model, fp8, extra
 
 
-def _assets(path: Path, single: bool, metadata: dict[str, str], tokenizer: Path | None) -> tuple[dict[str, str], str]:
+def _assets(path: Path, single: bool, metadata: dict[str, str],
+            tokenizer: Path | None) -> tuple[dict[str, str], Path | None, str]:
+    """The tokenizer and processor files, the directory they came from (None: the file's metadata), and
+    how to name their source in messages."""
     if tokenizer is not None:
         tokenizer = tokenizer.expanduser()
         if not tokenizer.is_dir() or not singlefile.has_tokenizer(tokenizer):
             raise CheckpointError(f"--tokenizer {tokenizer}: not a directory with tokenizer.json or "
                                   "tokenizer_config.json (the official repository's small files)")
-        return singlefile.asset_texts(tokenizer), str(tokenizer)
+        return singlefile.asset_texts(tokenizer), tokenizer, str(tokenizer)
     if not single:
-        return singlefile.asset_texts(path), str(path)
+        return singlefile.asset_texts(path), path, str(path)
     embedded = singlefile.embedded_assets(path, metadata)
     if embedded is not None:
-        return embedded, f"{path} (its embedded tokenizer)"
+        return embedded, None, f"{path} (its embedded tokenizer)"
     if singlefile.has_tokenizer(path.parent):
-        return singlefile.asset_texts(path.parent), str(path.parent)
+        return singlefile.asset_texts(path.parent), path.parent, str(path.parent)
     raise CheckpointError(f"{path}: the file carries no tokenizer and none is beside it: give --tokenizer DIR "
                           "(the official repository's tokenizer and preprocessor files, without the weights)")
 
@@ -219,19 +223,16 @@ def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
     else:
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
     tensors, scales, extra = _sort(_unnest(entries))
-    assets, assets_from = _assets(path, single, metadata, Path(tokenizer) if tokenizer is not None else None)
-    ckpt = Checkpoint(path, None, tensors, scales, extra, assets, "full", metadata, single,  # type: ignore[arg-type]
+    assets, assets_dir, assets_from = _assets(path, single, metadata,
+                                              Path(tokenizer) if tokenizer is not None else None)
+    ckpt = Checkpoint(path, None, {}, tensors, scales, extra, assets, "full", metadata, single,  # type: ignore[arg-type]
                       assets_from)
     where = path / "config.json"
     if single:
         raw = singlefile.embedded_config(path, metadata)
         where = Path(f"{path} (metadata {singlefile.CONFIG_KEY})")
-        if raw is None and "config.json" in assets:
-            where = Path(assets_from) / "config.json"
-            try:
-                raw = json.loads(assets["config.json"])
-            except ValueError as err:
-                raise CheckpointError(f"{where}: cannot be read as JSON ({err})") from err
+        if raw is None and assets_dir is not None and (assets_dir / "config.json").is_file():
+            raw, where = read_config(assets_dir), assets_dir / "config.json"
         if raw is None:
             tok, _ = ckpt.processors()
             ids = {t: tok.convert_tokens_to_ids(t) for t in singlefile.CONFIG_TOKENS}
@@ -245,7 +246,7 @@ def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None,
         log.warning("%s has no DeepStack mergers (model.visual.deepstack_merger_list): reference images reach the "
                     "decoder without DeepStack features; text-to-image is unchanged", path.name)
         raw = {**raw, "vision_config": {**raw["vision_config"], "deepstack_visual_indexes": []}}
-    ckpt.spec = spec_from_dict(raw, where)
+    ckpt.spec, ckpt.config = spec_from_dict(raw, where), raw
     ckpt.variant = choose_variant(path, variant)
     return ckpt
 
