@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -606,12 +608,14 @@ def test_convert_parses_its_arguments_and_runs_hidream_convert(tmp_path: Path, c
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst.safetensors")]) == 0
     [args] = seen
     assert (args.src, args.dst) == (str(tmp_path / "src"), str(tmp_path / "dst.safetensors"))
-    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling) == ("bf16", [], None, None, "row")
+    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling, args.shard_gb, args.force) == (
+        "bf16", [], None, None, "row", 5.0, False)
     assert main(["convert", "a", "b.safetensors", "--dtype", "fp8", "--drop", "lm_head,deepstack,lm_head",
-                 "--tokenizer", "tok", "--variant", "dev", "--fp8-scaling", "tensor"]) == 0
+                 "--tokenizer", "tok", "--variant", "dev", "--fp8-scaling", "tensor", "--shard-gb", "2",
+                 "--force"]) == 0
     args = seen[-1]
-    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling) == (
-        "fp8", ["lm_head", "deepstack"], "tok", "dev", "tensor")
+    assert (args.dtype, args.drop, args.tokenizer, args.variant, args.fp8_scaling, args.shard_gb, args.force) == (
+        "fp8", ["lm_head", "deepstack"], "tok", "dev", "tensor", 2.0, True)
 
     def refuse(args):
         from hidream.engine.errors import CheckpointError
@@ -629,6 +633,7 @@ def test_convert_parses_its_arguments_and_runs_hidream_convert(tmp_path: Path, c
     (["a", "b", "--drop", ","], "error: --drop: must be a comma list of lm_head, deepstack (got ',')"),
     (["a", "b", "--dtype", "fp16"], "error: --dtype: must be one of bf16, fp8 (got 'fp16'"),
     (["a", "b", "--fp8-scaling", "block"], "error: --fp8-scaling: must be one of row, tensor (got 'block')"),
+    (["a", "b", "--shard-gb", "big"], "error: --shard-gb: must be a number (got 'big')"),
     (["a"], "error: convert: missing DST"),
 ])
 def test_convert_argument_errors_are_one_line(capsys, args: list[str], says: str) -> None:
@@ -637,3 +642,36 @@ def test_convert_argument_errors_are_one_line(capsys, args: list[str], says: str
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(says) and err.endswith("see: hidream convert --help\n"), err
+
+
+def test_convert_then_generate_and_serve_from_the_single_file(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    """Through the real hidream.convert and engine: the demo checkpoint as one fp8 file, loaded by --model."""
+    pytest.importorskip("hidream.convert")
+    from hidream.service.runtime import engine_loader
+    from hidream.service.settings import Settings
+    from hidream.service.store import Store
+    from hidream.service.worker import Worker, engine_info
+
+    single = tmp_path / "demo.safetensors"
+    code, out, err = run_cli(capsys, "convert", demo_checkpoint, single, "--dtype", "fp8", "--drop", "lm_head",
+                             "--variant", "dev")
+    assert code == 0 and single.is_file(), err
+    out = generate(capsys, single, tmp_path / "a.png", *FAST, "--device", "cpu", "--quantize", "fp8")
+    assert "dev/flash" in out  # the variant from the file's metadata
+
+    settings = Settings(home=tmp_path / "home", model=str(single), device="cpu", quantize="fp8")
+    engine = engine_loader(settings)()
+    assert engine_info(engine) == {"precision": "fp32", "quantize": "fp8", "offload": "none", "variant": "dev"}
+    store = Store.open(settings.db_url)
+    worker = Worker(settings, store, None, lambda: engine, worker_id="w")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not store.list_workers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [w["engine"] for w in store.list_workers()] == [engine_info(engine)]
+    finally:
+        worker.stop()
+        thread.join(10)
+        store.close()

@@ -485,9 +485,11 @@ def _drop(raw: str) -> list[str]:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    """The arguments of `hidream convert` (what hidream.convert.run reads)."""
+    """The arguments of `hidream convert`, what hidream.convert.run reads (declared here, not by that module:
+    it imports torch, which every other command would then wait for)."""
     p.add_argument("src", metavar="SRC", help=f"the checkpoint to convert: {CHECKPOINT_HELP}")
-    p.add_argument("dst", metavar="DST", help="the single .safetensors file to write")
+    p.add_argument("dst", metavar="DST", help="a single file when it ends in .safetensors (the config, variant and "
+                                              "tokenizer in its metadata), else a directory in the official layout")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
                    help="the weights' type in DST: bf16, or fp8 (the decoder's linear weights in float8 with "
                         "scales; about half the size) (default: bf16)")
@@ -500,7 +502,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="the recipe recorded in DST's metadata (default: from SRC: a name ending in -Dev, or a "
                         "single file's metadata)")
     p.add_argument("--fp8-scaling", choices=["row", "tensor"], default="row",
-                   help="with --dtype fp8: one scale per output row, or one per tensor (default: row)")
+                   help="with --dtype fp8: one scale per output row, or one per tensor, as ComfyUI lays it out "
+                        "(default: row)")
+    p.add_argument("--shard-gb", type=NUMBER, default=5.0, metavar="GB",
+                   help="a directory's shard size, in GB (default: 5)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -770,9 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense throughput for the --dry-run floor, in TFLOP/s (default 800)")
     b.set_defaults(func=cmd_bench)
 
-    c = sub.add_parser("convert", help="repack a checkpoint as one .safetensors file (ComfyUI-style), in bf16 or fp8",
+    c = sub.add_parser("convert", help="write a checkpoint as one .safetensors file (ComfyUI-style) or an official "
+                                       "directory, in bf16 or fp8",
                        description="Write SRC (an official checkpoint directory, or a single .safetensors file) as "
-                                   "one .safetensors file DST, which --model and HIDREAM_MODEL load.")
+                                   "DST: one .safetensors file, or a directory in the official layout; --model and "
+                                   "HIDREAM_MODEL load either.")
     add_convert_args(c)
     c.set_defaults(func=cmd_convert)
     return parser
