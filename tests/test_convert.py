@@ -202,3 +202,21 @@ def test_cli_convert(demo_checkpoint: Path, tmp_path: Path, capsys: pytest.Captu
     assert "--drop" in err and "'vae'" in err and "lm_head" in err and not (tmp_path / "y.safetensors").exists()
     assert cli.main(["convert", str(tmp_path / "nothing"), str(tmp_path / "z")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_quantize_at_load_equals_the_fp8_file_and_quantize_model(demo_checkpoint, layouts, requests_) -> None:
+    from hidream.engine.fp8 import quantize_model
+
+    at_load = Engine.load(demo_checkpoint, device="cpu", quantize="fp8")
+    from_file = Engine.load(layouts["fp8-row"], device="cpu")
+    model = load_model(demo_checkpoint, CPU, torch.float32)
+    assert quantize_model(model) == 7 * len(model.layers)  # q, k, v, o, gate, up, down (fused later)
+    after = Engine(model, from_file.encoder, "full", demo_checkpoint)
+    assert at_load.quantize == "fp8"
+    for a, b in zip(at_load.model.state_dict().values(), from_file.model.state_dict().values(), strict=True):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    req = requests_["t2i"]
+    image = pixels(at_load.generate(req).images[0])
+    assert np.array_equal(image, pixels(from_file.generate(req).images[0]))
+    assert np.array_equal(image, pixels(after.generate(req).images[0]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -23,15 +22,13 @@ from pathlib import Path
 import torch
 
 from hidream.engine import singlefile
-from hidream.engine.checkpoint import INDEX_FILE, QUANT_SUFFIX, Checkpoint, open_checkpoint
+from hidream.engine.checkpoint import DECODER_LINEAR, INDEX_FILE, QUANT_SUFFIX, Checkpoint, open_checkpoint
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.tensorfile import Entry, read_tensor, write_file
 
 DROPPABLE = {"lm_head": "lm_head.", "deepstack": singlefile.DEEPSTACK}
 DTYPES = ("bf16", "fp8")
 FP8 = torch.float8_e4m3fn
-# The layers `--dtype fp8` stores in fp8: the decoder's linear layers, as `--quantize fp8` does at load.
-FP8_LAYER = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 COMFY_FP8 = json.dumps({"format": "float8_e4m3fn"}).encode()
 
 
@@ -56,7 +53,7 @@ class Plan:
             if name.startswith(dropped):
                 continue
             entry, layer = sources[name], name.removesuffix(".weight")
-            if self.fp8 and name.endswith(".weight") and (FP8_LAYER.match(layer) or layer in ckpt.scales):
+            if self.fp8 and name.endswith(".weight") and (DECODER_LINEAR.match(layer) or layer in ckpt.scales):
                 self.shapes[name] = (FP8, entry.shape)
                 self.shapes[layer + ".weight_scale"] = (torch.float32, (entry.shape[0],) if self.per_row else ())
                 if not self.per_row:

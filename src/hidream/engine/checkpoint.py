@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # ComfyUI's mixed-precision
 INPUT_SCALE_SUFFIXES = (".input_scale", ".scale_input")  # static activation scales: activations are scaled per call
 QUANT_SUFFIX = ".comfy_quant"  # per-layer JSON naming the format
 MARKERS = ("scaled_fp8",)  # an empty tensor older fp8 files carry to say what they are
+# The linear layers `quantize` stores in fp8 (as fp8.quantize_model does): the decoder layers' projections.
+DECODER_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
 def weight_files(checkpoint: Path) -> dict[Path, list[str] | None]:
@@ -306,13 +309,15 @@ def _read_all(ckpt: Checkpoint, names: set[str], convert: Callable[[str, torch.T
 
 
 def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None,
-               gemm_dtype: torch.dtype | None = None) -> HiDreamO1:
+               gemm_dtype: torch.dtype | None = None, quantize: bool = False) -> HiDreamO1:
     """Build the model on the meta device and fill it straight from the files on `device` in `dtype`.
 
     `gemm_dtype`: the decoder's and generation parts' Linear weights in that dtype instead, the rest
     (embeddings, norms, the ViT) in `dtype`: bf16 GEMMs on a float32 residual stream. The ViT then
     runs under autocast to `gemm_dtype`, as the official code's "fp32" mode runs everything.
     fp8 layers keep their stored fp8 weights and compute in the dtype their weight would have had.
+    `quantize`: the decoder layers' linear weights are quantized to fp8 (a scale per row) one by one
+    as they are read, on `device`: a bf16 checkpoint never needs its full size there.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     with torch.device("meta"):
@@ -323,17 +328,18 @@ def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch
     def dtype_of(name: str) -> torch.dtype:
         return gemm_dtype if name in gemms else dtype  # type: ignore[return-value]
 
-    fp8_weights = {layer + ".weight" for layer in ckpt.scales}
-    plain = set(ckpt.tensors) - fp8_weights
+    to_quantize = {n.removesuffix(".weight") for n in ckpt.tensors
+                   if quantize and DECODER_LINEAR.match(n.removesuffix(".weight"))} - set(ckpt.scales)
+    fp8_weights = {layer + ".weight" for layer in (*ckpt.scales, *to_quantize)}
     batch: dict[str, torch.Tensor] = {}
-    for name, tensor in _read_all(ckpt, plain, lambda n, t: t.to(device, dtype_of(n))):
+    for name, tensor in _read_all(ckpt, set(ckpt.tensors) - fp8_weights, lambda n, t: t.to(device, dtype_of(n))):
         batch[name] = tensor
         if len(batch) >= 64:
             model.load_state_dict(batch, strict=False, assign=True)
             batch = {}
     model.load_state_dict(batch, strict=False, assign=True)
-    if ckpt.scales:
-        _load_fp8(model, ckpt, device, dtype_of)
+    if ckpt.scales or to_quantize:
+        _load_fp8(model, ckpt, to_quantize, device, dtype_of)
     _materialize_buffers(model, device)
     model.vision_autocast = gemm_dtype
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
@@ -342,22 +348,37 @@ def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch
     return model.eval().requires_grad_(False)
 
 
-def _load_fp8(model: HiDreamO1, ckpt: Checkpoint, device: torch.device,
+def _load_fp8(model: HiDreamO1, ckpt: Checkpoint, to_quantize: set[str], device: torch.device,
               dtype_of: Callable[[str], torch.dtype]) -> None:
-    """Each stored fp8 layer becomes an Fp8Linear with its weight and scale (1 when the file has none)."""
-    from hidream.engine.fp8 import Fp8Linear
+    """Each fp8 layer becomes an Fp8Linear: a stored one with its weight and scale (1 when the file has
+    none), one in `to_quantize` with its weight quantized on `device`."""
+    from hidream.engine.fp8 import Fp8Linear, quantize_weight
 
-    names = {layer + ".weight" for layer in ckpt.scales}
-    names |= {layer + ".weight_scale" for layer, scale in ckpt.scales.items() if scale is not None}
-    read = dict(_read_all(ckpt, names, lambda n, t: t.to(device)))
-    for layer in ckpt.scales:
-        parent, _, child = layer.rpartition(".")
-        old = model.get_submodule(layer)
-        scale = read.get(layer + ".weight_scale")
+    stored = {layer + ".weight" for layer in ckpt.scales}
+    stored |= {layer + ".weight_scale" for layer, scale in ckpt.scales.items() if scale is not None}
+    names = stored | {layer + ".weight" for layer in to_quantize}
+
+    def layers():
+        for name, tensor in _read_all(ckpt, names, lambda n, t: t.to(device)):
+            layer = name.rsplit(".", 1)[0]
+            if layer in to_quantize:
+                yield layer, *quantize_weight(tensor)
+            elif name.endswith(".weight_scale"):
+                yield layer, None, tensor.float()
+            else:
+                yield layer, tensor, None
+
+    parts: dict[str, list] = {}
+    for layer, weight, scale in layers():
+        got = parts.setdefault(layer, [None, None])
+        got[0] = weight if weight is not None else got[0]
+        got[1] = scale if scale is not None else got[1]
+        if got[0] is None or (got[1] is None and (layer in to_quantize or ckpt.scales.get(layer) is not None)):
+            continue  # its other half is still to come
+        weight, scale = parts.pop(layer)
         if scale is None:
             scale = torch.ones((), device=device)
-        new = Fp8Linear.from_quantized(read[layer + ".weight"], scale.float().reshape(-1) if scale.numel() > 1
-                                       else scale.float().reshape(()), old.bias,
-                                       dtype_of(layer + ".weight"))
+        parent, _, child = layer.rpartition(".")
+        old = model.get_submodule(layer)
+        new = Fp8Linear.from_quantized(weight, scale, old.bias, dtype_of(layer + ".weight"))
         setattr(model.get_submodule(parent), child, new)
-

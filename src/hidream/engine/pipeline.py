@@ -216,13 +216,10 @@ class Engine:
         encoder = PromptEncoder(tokenizer_, processor, ckpt.spec.image_token_id)
         dtype = torch.float32 if precision in ("fp32", "bf16-fp32acc") else torch.bfloat16
         gemm = torch.bfloat16 if precision == "bf16-fp32acc" else None
-        # Weights that change form (fp8) or may stay on the host (offload) are loaded on the host first.
-        staged = quantize is not None or offload != "none"
-        model = load_model(ckpt, torch.device("cpu") if staged else device, dtype, gemm_dtype=gemm)
-        if quantize == "fp8":
-            from hidream.engine.fp8 import quantize_model
-
-            quantize_model(model)
+        # Offloaded layers stay on the host: the model is loaded there and Engine() places the rest.
+        staged = offload != "none"
+        model = load_model(ckpt, torch.device("cpu") if staged else device, dtype, gemm_dtype=gemm,
+                           quantize=quantize == "fp8")
         if offload == "auto":
             from hidream.engine.offload import choose_offload
 
