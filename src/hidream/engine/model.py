@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from hidream.engine.config import PATCH_SIZE, ModelSpec
 from hidream.engine.layers import Linear, RMSNorm, apply_rope, attention, fuse_linears
+
+if TYPE_CHECKING:
+    from hidream.engine.offload import LayerOffload
 
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
 # Tokens per MLP pass: big enough for full-speed GEMMs (x2 rows with guidance), small enough for memory.
@@ -191,7 +194,7 @@ class DecoderLayer(nn.Module):
         bf16 weights under a float32 stream that is the official "fp32" mode's bf16 attention.
         """
         attn = self.self_attn
-        dtype = attn.o_proj.weight.dtype
+        dtype = attn.o_proj.compute_dtype
         q, k, v = attn.qkv(self.input_layernorm(h), cos, sin)
         if keep is not None:
             q, h = q[:, :keep], h[:, :keep]
@@ -285,19 +288,28 @@ class HiDreamO1(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.language_model.layers
 
+    offload: LayerOffload | None = None  # set by hidream.engine.offload.enable_offload
+
+    def resident_layers(self) -> Iterable[DecoderLayer]:
+        """The decoder layers in order, each with its weights on the compute device while the caller uses
+        it (use each before taking the next): `self.layers` itself, or under offload streamed to the device."""
+        return self.layers if self.offload is None else self.offload.layers()
+
     # --- inputs -------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:
         """ViT features of the conditioning images: ([n_tokens, hidden], DeepStack [n_tokens, hidden] per layer)."""
         visual = self.model.visual
         on = self.vision_autocast
-        with torch.autocast(pixel_values.device.type, on) if on is not None else contextlib.nullcontext():
+        staged = self.offload.visual_on_device() if self.offload is not None else contextlib.nullcontext()
+        with staged, torch.autocast(pixel_values.device.type, on) if on is not None else contextlib.nullcontext():
             out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, return_dict=True)
         return out.pooler_output, list(out.deepstack_features)
 
     def embed_text(self, input_ids: Tensor, image_embeds: Tensor | None) -> Tensor:
         """Token embeddings [B, T, hidden], the image placeholders replaced by ViT features."""
-        h = self.model.language_model.embed_tokens(input_ids)
+        embed = self.model.language_model.embed_tokens  # under offload on the host: only the rows travel
+        h = embed(input_ids.to(embed.weight.device)).to(input_ids.device)
         if image_embeds is not None:
             mask = (input_ids == self.spec.image_token_id)[..., None].expand_as(h)
             h = h.masked_scatter(mask, image_embeds.to(h.dtype))
@@ -334,7 +346,7 @@ class HiDreamO1(nn.Module):
     def new_buffer(self, text_len: int, gen_len: int) -> KVBuffer:
         attn = self.layers[0].self_attn
         return KVBuffer.empty(len(self.layers), text_len, gen_len, attn.kv_heads, attn.head_dim,
-                              attn.o_proj.weight.device, attn.o_proj.weight.dtype)
+                              attn.o_proj.weight.device, attn.o_proj.compute_dtype)
 
     def _inject(self, h: Tensor, i: int, visual: VisualInjection | None) -> Tensor:
         if visual is None or i >= len(visual.features):
@@ -351,13 +363,15 @@ class HiDreamO1(nn.Module):
 
         Of the last layer only the keys and values are needed: nothing reads the text's outputs.
         """
-        *layers, last = self.layers
-        for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, PrefillAttend(buffer.keys[i], buffer.values[i]))
-            h = self._inject(h, i, visual)
-        _, k, v = last.self_attn.qkv(last.input_layernorm(h), cos, sin)
-        buffer.keys[-1].copy_(k)
-        buffer.values[-1].copy_(v)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.resident_layers()):
+            if i < last:
+                h = layer(h, cos, sin, PrefillAttend(buffer.keys[i], buffer.values[i]))
+                h = self._inject(h, i, visual)
+            else:
+                _, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+                buffer.keys[i].copy_(k)
+                buffer.values[i].copy_(v)
 
     def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer],
                            keep: int | None = None) -> Tensor:
@@ -368,7 +382,7 @@ class HiDreamO1(nn.Module):
         """
         sk, sv = [b.scratch_keys for b in buffers], [b.scratch_values for b in buffers]
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.resident_layers()):
             attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], sk, sv)
             h = self.step_layer(layer, h, cos, sin, attend, keep if i == last else None)
         return h
@@ -377,6 +391,6 @@ class HiDreamO1(nn.Module):
                      visual: VisualInjection | None) -> Tensor:
         """Reference path: every token of one branch, every layer; h: [1, S, hidden] with text first."""
         attend = FullAttend(text_len)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.resident_layers()):
             h = self._inject(self.step_layer(layer, h, cos, sin, attend), i, visual)
         return h
