@@ -1,12 +1,13 @@
 """The safetensors file format, read tensor by tensor and written as a stream.
 
-`safetensors.safe_open` maps the whole file, and every page a tensor is copied from stays in the
-process's resident memory until the file is closed: loading one 16 GB single-file checkpoint onto
-the host then peaks at twice its size. Here each tensor is read with `readinto` into its own buffer,
-so loading peaks at the weights kept plus one tensor; and a file is written header first, then one
-tensor at a time, so converting never holds a whole model. The format is the published one
-(an 8-byte little-endian header length, a JSON header, the raw bytes): `safetensors` reads what this
-writes, and tests check both ways.
+`safetensors.safe_open` maps the whole file: a tensor copied out of it (to another dtype or device)
+leaves its mapped pages resident until the file is closed, so a float32 load of a bf16 file peaks at
+3.0x the file's size and a GPU load keeps the whole file resident on the host
+(benchmarks/load_memory.py). Here each tensor is read with `readinto` into a buffer of its own and
+converted, so loading peaks at the weights kept plus one tensor (2.07x in float32, 1.17x in bf16);
+and a file is written header first, then one tensor at a time, so converting never holds a whole
+model. The format is the published one (an 8-byte little-endian header length, a JSON header, the
+raw bytes): `safetensors` reads what this writes, and tests check it.
 """
 
 from __future__ import annotations
