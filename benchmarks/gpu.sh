@@ -3,7 +3,8 @@
 #   benchmarks/gpu.sh [OFFICIAL_SRC]
 # A full-size (8B) HiDream-O1 with random bf16 weights is built directly on the GPU (no checkpoint,
 # nothing downloaded); at 2048x2048, 50 steps, guidance 5, it prints seconds per step and per image and
-# the peak memory for the engine eager and with --compile, next to the dry run's floor. With
+# the peak memory for the engine eager and with --compile, next to the dry run's floor; then fp8 weights
+# against bf16 (benchmarks/fp8_quality.py: 1024x1024, 8 steps, an estimated minute more). With
 # OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case,
 # under $OFFICIAL_PYTHON (default: the same Python; it needs transformers 4.57, diffusers and einops).
 # The Python used: $PYTHON, else this checkout's .venv when its torch sees CUDA, else python3; the
@@ -39,6 +40,9 @@ echo "== --compile"
 bench "${case[@]}" --plain-steps 2 --compile --json "$out/compile.json"
 echo "== --compile, edit (1 reference)"
 bench "${case[@]}" --plain-steps 1 --refs 1 --compile --json "$out/compile-edit.json"
+echo "== fp8 weights against bf16 (upcast and scaled_mm): image difference, s/step, 1024x1024, 8 steps"
+"$py" "$root/benchmarks/fp8_quality.py" --device cuda --checkpoints full --size 1024x1024 --steps 8 --repeats 2 \
+    --json "$out/fp8.json" || echo "== the fp8 run failed (see above); the results above stand"
 if [ -n "$official_src" ]; then
     # Last, and allowed to fail (the official code needs transformers 4.57 and diffusers): one line says
     # why, and the results above stand. Its 16.4 GB checkpoint goes to $OFFICIAL_WORKDIR (reused on a rerun).
