@@ -65,7 +65,6 @@ def scaled_mm_supported(device: torch.device, dtype: torch.dtype = torch.bfloat1
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-
 class Fp8Linear(Linear):
     """A Linear whose weight is float8_e4m3fn [out, in] with a float32 scale per output row [out].
 
