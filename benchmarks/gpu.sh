@@ -43,6 +43,9 @@ bench "${case[@]}" --plain-steps 1 --refs 1 --compile --json "$out/compile-edit.
 echo "== fp8 weights against bf16 (upcast and scaled_mm): image difference, s/step, 1024x1024, 8 steps"
 "$py" "$root/benchmarks/fp8_quality.py" --device cuda --checkpoints full --size 1024x1024 --steps 8 --repeats 2 \
     --json "$out/fp8.json" || echo "== the fp8 run failed (see above); the results above stand"
+echo "== layer offload against none: s/step and peak memory, 1024x1024 and 2048x2048 (+ a 1024x1024 edit), 3 steps"
+"$py" "$root/benchmarks/offload.py" --device cuda --steps 3 --json "$out/offload.json" \
+    || echo "== the offload run failed (see above); the results above stand"
 if [ -n "$official_src" ]; then
     # Last, and allowed to fail (the official code needs transformers 4.57 and diffusers): one line says
     # why, and the results above stand. Its 16.4 GB checkpoint goes to $OFFICIAL_WORKDIR (reused on a rerun).

@@ -70,6 +70,13 @@ def test_offload_gives_the_same_latents_bit_for_bit(demo_checkpoint, reference, 
     assert torch.equal(final_latent(engine, TEXT_TO_IMAGE, mode="full"), reference["t2i-full"])
 
 
+def test_engine_load_offloads_when_asked(demo_checkpoint, reference):
+    engine = Engine.load(demo_checkpoint, device="cpu", offload="layers")
+    assert engine.model.offload is not None and engine.model.offload.device == CPU
+    assert torch.equal(final_latent(engine, EDIT), reference["edit"])
+    assert Engine.load(demo_checkpoint, device="cpu", offload="auto").model.offload is None  # the CPU: none
+
+
 class DeferredCopier:
     """As a CUDA side stream may: a slot's copy lands only when compute acquires the slot. Loading a slot
     that compute has not released would overwrite weights still in use on a GPU: refused."""

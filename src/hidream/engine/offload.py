@@ -269,6 +269,10 @@ class LayerOffload:
         finally:
             _point(self._visual_refs, self._visual_host)
 
+    def layer_bytes(self) -> int:
+        """Bytes of all the decoder layers: what one pass over them streams to the device."""
+        return sum(_nbytes(t) for host in self._host for t in host)
+
     def host_tensors(self) -> list[Tensor]:
         """The tensors kept in host memory: every layer's, the ViT's and `embed_tokens`'s."""
         return [t for host in self._host for t in host] + list(self._visual_host) + [self._embed.weight]
