@@ -77,6 +77,15 @@ def test_engine_load_offloads_when_asked(demo_checkpoint, reference):
     assert Engine.load(demo_checkpoint, device="cpu", offload="auto").model.offload is None  # the CPU: none
 
 
+def test_fp8_layers_stream_their_weights_and_scales(demo_checkpoint):
+    plain = Engine.load(demo_checkpoint, device="cpu", quantize="fp8")
+    engine = Engine.load(demo_checkpoint, device="cpu", quantize="fp8")
+    enable_offload(engine.model, CPU, 1)
+    slot = engine.model.offload._slots[0]
+    assert {torch.float8_e4m3fn, torch.float32} <= {t.dtype for t in slot}  # fp8 weights, float32 scale buffers
+    assert torch.equal(final_latent(engine, TEXT_TO_IMAGE), final_latent(plain, TEXT_TO_IMAGE))
+
+
 class DeferredCopier:
     """As a CUDA side stream may: a slot's copy lands only when compute acquires the slot. Loading a slot
     that compute has not released would overwrite weights still in use on a GPU: refused."""
