@@ -675,3 +675,21 @@ def test_convert_then_generate_and_serve_from_the_single_file(tmp_path: Path, de
         worker.stop()
         thread.join(10)
         store.close()
+
+
+def test_the_convert_command_declares_what_hidream_convert_declares() -> None:
+    """cli.py declares convert's arguments itself (hidream.convert imports torch, which `hidream status` or
+    `--help` should not wait for): the same options, positionals and choices as convert.add_arguments."""
+    import argparse
+
+    convert = pytest.importorskip("hidream.convert")
+    from hidream.cli import build_parser
+
+    def declared(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {a.dest: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs) for a in parser._actions
+                if not isinstance(a, argparse._HelpAction)}
+
+    theirs = argparse.ArgumentParser()
+    convert.add_arguments(theirs)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert declared(sub.choices["convert"]) == declared(theirs)
