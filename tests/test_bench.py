@@ -44,6 +44,12 @@ def _meta_params(config: str, tmp_path: Path) -> int:
         return sum(p.numel() for p in HiDreamO1(spec).parameters())
 
 
+def named_spec_of(config: str, tmp_path: Path):
+    from hidream.dry_run import named_spec
+
+    return named_spec(config, tmp_path)[0]
+
+
 def test_dry_run_figures_add_up(tmp_path: Path, capsys) -> None:
     r = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--tflops", "100")
     assert r["params"] == _meta_params("demo", tmp_path / "spec")
@@ -60,7 +66,10 @@ def test_dry_run_figures_add_up(tmp_path: Path, capsys) -> None:
     assert step["attention_added"] + step["attention_counted"] >= step["attention_analytic"] > 0
     assert r["flops_per_step"] == step["counted"] + step["attention_added"]
     mem = r["memory"]
-    assert 0 <= mem["weights_bytes"] - 2 * r["params"] < 1024  # bf16, and the ViT's rotary buffer
+    # bf16, and the ViT's rotary buffer; embed_tokens is in host memory (as Engine keeps it on CUDA)
+    spec = named_spec_of("demo", tmp_path / "spec2")
+    assert mem["host_weights_bytes"] == 2 * spec.text.vocab_size * spec.text.hidden_size
+    assert 0 <= mem["weights_bytes"] + mem["host_weights_bytes"] - 2 * r["params"] < 1024
     assert mem["peak_bytes"] >= mem["peak_step_bytes"] > mem["resident_after_prefill_bytes"] > mem["weights_bytes"]
     printed = capsys.readouterr().out
     assert "estimate from fake tensors" in printed and "| flops per step |" in printed
@@ -87,4 +96,6 @@ def test_dry_run_of_the_full_configuration(tmp_path: Path) -> None:
     r = _dry_run(tmp_path, "--config", "full", "--size", "256x256", "--steps", "1")
     assert r["params"] == _meta_params("full", tmp_path / "spec")
     assert 8.0e9 < r["params"] < 8.4e9
-    assert 0 <= r["memory"]["weights_bytes"] - 2 * r["params"] < 2**20
+    m = r["memory"]
+    assert m["host_weights_bytes"] == 2 * 151936 * 4096  # embed_tokens, in host memory
+    assert 0 <= m["weights_bytes"] + m["host_weights_bytes"] - 2 * r["params"] < 2**20

@@ -115,6 +115,12 @@ class LiveBytes(TorchDispatchMode):
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.current = self.peak = 0
 
+    def ignore(self, t: torch.Tensor) -> None:
+        """Never count `t`'s storage (it lives elsewhere: offloaded weights in host memory)."""
+        storage = t.untyped_storage()
+        if storage not in self._seen:
+            self._seen[storage] = None
+
     def track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage in self._seen:
@@ -189,9 +195,11 @@ def checkpoint_spec(checkpoint: Path) -> tuple[ModelSpec, PromptEncoder]:
 
 
 def fake_engine(spec: ModelSpec, encoder: PromptEncoder, variant: str, dtype: torch.dtype,
-                fake: FakeTensorMode) -> tuple[Engine, int]:
-    """An Engine whose weights are fake CPU tensors of `dtype`, and the model's parameter count."""
+                fake: FakeTensorMode, quantize: str | None = None, offload: str = "none") -> tuple[Engine, int]:
+    """An Engine whose weights are fake CPU tensors of `dtype` (the decoder's linears fp8 with `quantize`,
+    the decoder layers streamed from "host" tensors with `offload` "layers"), and the parameter count."""
     from hidream.engine.checkpoint import _materialize_buffers
+    from hidream.engine.fp8 import quantize_model
     from hidream.engine.model import HiDreamO1
 
     with torch.device("meta"):
@@ -202,8 +210,26 @@ def fake_engine(spec: ModelSpec, encoder: PromptEncoder, variant: str, dtype: to
     with fake:  # Engine() fuses projections: the new Linears must be fake too
         model = model.to_empty(device=device)
         _materialize_buffers(model, device)
-        engine = Engine(model.eval().requires_grad_(False), encoder, variant, Path("fake"))
+        model = model.eval().requires_grad_(False)
+        if quantize == "fp8":
+            quantize_model(model)
+        engine = Engine(model, encoder, variant, Path("fake"), offload=offload, device=device)  # type: ignore[arg-type]
     return engine, params
+
+
+def _device_tensors(engine: Engine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the tensors on the device, those in host memory), as on a CUDA device: embed_tokens stays on the
+    host (Engine places it there on CUDA); with offload, so do the layers' host copies and the ViT, and the
+    device has the slots."""
+    model = engine.model
+    embed = model.model.language_model.embed_tokens.weight
+    every = [t for t in (*model.parameters(), *model.buffers()) if t is not embed]
+    offload = model.offload
+    if offload is None:
+        return every, [embed]
+    host = [t for t in offload.host_tensors() if t is not embed] + [embed]
+    slots = [t for slot in offload._slots for t in slot]
+    return [t for t in every if t.numel() > 0] + slots, host
 
 
 def _sampler(scheduler: str, steps: int, shift: float):
@@ -217,11 +243,12 @@ def _sampler(scheduler: str, steps: int, shift: float):
 
 def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", width: int = 2048,
             height: int = 2048, refs: int = 0, steps: int | None = None, guidance: float | None = None,
-            dtype: torch.dtype = torch.bfloat16, tflops: float = DEFAULT_TFLOPS) -> dict:
+            dtype: torch.dtype = torch.bfloat16, tflops: float = DEFAULT_TFLOPS, quantize: str | None = None,
+            offload: str = "none") -> dict:
     """Run one request's conditioning and prefill and one denoising step on fake weights; the report."""
     started = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    engine, params = fake_engine(spec, encoder, variant, dtype, fake)
+    engine, params = fake_engine(spec, encoder, variant, dtype, fake, quantize, offload)
     recipe = engine.recipe(refs)
     steps = steps or recipe.steps
     guidance = recipe.guidance if guidance is None else guidance
@@ -230,9 +257,13 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
     prompts = [PROMPT] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
 
     memory = LiveBytes()
-    for t in [*engine.model.parameters(), *engine.model.buffers()]:
+    on_device, on_host = _device_tensors(engine)
+    for t in on_host:
+        memory.ignore(t)
+    for t in on_device:
         memory.track(t)
     weights = memory.current
+    host_bytes = sum(t.numel() * t.element_size() for t in on_host)
     # Per request. The conditioning runs without an ambient fake mode: the ViT computes its packing from
     # the real image grid (`.tolist()`), and only the tensors that meet a weight turn fake.
     with _Measured(memory, None) as conditioning:
@@ -262,6 +293,8 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
                    f"sizes are those of CUDA tensors, less the allocator's 512-byte rounding)",
         "size": f"{width}x{height}",
         "references": refs,
+        "weights": f"{str(dtype).replace('torch.', '')}" + (", decoder linears fp8" if quantize else ""),
+        "offload": offload,
         "steps": steps,
         "guidance": guidance,
         "branches": len(prompts),
@@ -279,7 +312,8 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
         "tflops": tflops,
         "floor_seconds": flops_per_image / (tflops * 1e12),
         "memory": {
-            "weights_bytes": weights,
+            "weights_bytes": weights,  # on the device
+            "host_weights_bytes": host_bytes,  # in host memory (offload)
             "resident_after_prefill_bytes": resident,  # weights + K/V buffers + conditioning
             "peak_prefill_bytes": peak_request,
             "peak_step_bytes": peak_step,
@@ -311,10 +345,72 @@ def print_report(report: dict, source: str) -> None:
     print(f"| prefill flops (once per request) | {r['prefill_flops']:.4g} |")
     print(f"| flops per image | {r['flops_per_image']:.4g} |")
     print(f"| floor at {r['tflops']:g} TFLOP/s | {r['floor_seconds']:.2f} s |")
-    print(f"| peak memory | {_gib(m['peak_bytes'])} = {m['peak_bytes'] / 1e9:.2f} GB "
+    print(f"| weights | {r['weights']}; offload {r['offload']} |")
+    print(f"| peak device memory | {_gib(m['peak_bytes'])} = {m['peak_bytes'] / 1e9:.2f} GB "
           f"(weights {_gib(m['weights_bytes'])}, "
           f"after prefill {_gib(m['resident_after_prefill_bytes'])}, step {_gib(m['peak_step_bytes'])}) |")
+    if m["host_weights_bytes"]:
+        print(f"| host memory (offloaded weights) | {_gib(m['host_weights_bytes'])} |")
     print(f"dry run took {r['wall_seconds']:.1f} s")
+
+
+# The settings and requests `--memory-table` estimates: (weights, offload) x (mode, references).
+SETTINGS = (("bf16", "none"), ("bf16", "layers"), ("fp8", "none"), ("fp8", "layers"))
+MODES = (("text-to-image", 0), ("edit", 1), ("10 references", 10))
+DEFAULT_PCIE_GBPS = 25.0  # PCIe 4.0 x16 as host-to-device copies reach it from pinned memory
+
+
+def layer_stream_bytes(report: dict, params_per_layer: int, layers: int) -> int:
+    """Bytes one pass over the offloaded decoder layers copies: every layer's weights, fp8 or bf16."""
+    per = 1 if "fp8" in report["weights"] else 2
+    return layers * params_per_layer * per
+
+
+def seconds_per_image(report: dict, pass_bytes: int, pcie_gbps: float) -> float:
+    """The floor: each step takes its flops at `tflops`, or with offload at least one pass of layer copies
+    (they overlap the compute); the prefill's two passes (one per branch) likewise."""
+    step = report["flops_per_step"] / (report["tflops"] * 1e12)
+    prefill = report["prefill_flops"] / (report["tflops"] * 1e12)
+    if report["offload"] == "layers":
+        copy = pass_bytes / (pcie_gbps * 1e9)
+        step, prefill = max(step, copy), max(prefill, report["branches"] * copy)
+    return report["steps"] * step + prefill
+
+
+def memory_table(spec: ModelSpec, encoder: PromptEncoder, *, variant: str, width: int, height: int,
+                 tflops: float, pcie_gbps: float) -> list[dict]:
+    """One dry run per setting and mode: peak device memory, host memory, and the seconds floor."""
+    per_layer, rows = _params_per_layer(spec), []
+    for weights, offload in SETTINGS:
+        for mode, refs in MODES:
+            r = dry_run(spec, encoder, variant=variant, width=width, height=height, refs=refs, tflops=tflops,
+                        quantize="fp8" if weights == "fp8" else None, offload=offload)
+            pass_bytes = layer_stream_bytes(r, per_layer, spec.text.num_hidden_layers)
+            rows.append({"weights": weights, "offload": offload, "mode": mode, "references": refs,
+                         "peak_bytes": r["memory"]["peak_bytes"], "weights_bytes": r["memory"]["weights_bytes"],
+                         "host_bytes": r["memory"]["host_weights_bytes"], "steps": r["steps"],
+                         "floor_seconds": seconds_per_image(r, pass_bytes, pcie_gbps),
+                         "compute_floor_seconds": r["floor_seconds"], "pass_bytes": pass_bytes})
+    return rows
+
+
+def _params_per_layer(spec: ModelSpec) -> int:
+    from hidream.engine.model import DecoderLayer
+
+    with torch.device("meta"):
+        layer = DecoderLayer(spec)
+    return sum(p.numel() for name, p in layer.named_parameters() if "norm" not in name)
+
+
+def print_table(rows: list[dict], source: str, size: str, tflops: float, pcie_gbps: float) -> None:
+    print(f"peak device memory of {source} at {size}, per weights and offload setting ({ESTIMATE}); seconds per "
+          f"image: the floor at {tflops:g} TFLOP/s with layer copies at {pcie_gbps:g} GB/s overlapping compute")
+    print("| weights | offload | mode | peak device memory | weights on the device | host memory | "
+          "floor s/image |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['weights']} | {r['offload']} | {r['mode']} | {r['peak_bytes'] / 1e9:.2f} GB | "
+              f"{r['weights_bytes'] / 1e9:.2f} GB | {r['host_bytes'] / 1e9:.2f} GB | {r['floor_seconds']:.1f} |")
 
 
 def run_dry_run(args: argparse.Namespace) -> int:
@@ -331,9 +427,19 @@ def run_dry_run(args: argparse.Namespace) -> int:
             checkpoint, _ = resolve_model(args.model)
             spec, encoder = checkpoint_spec(checkpoint)
             variant, source = args.variant or detect_variant(checkpoint), f"the configuration of {checkpoint}"
+        if getattr(args, "memory_table", False):
+            pcie = getattr(args, "pcie_gbps", None) or DEFAULT_PCIE_GBPS
+            rows = memory_table(spec, encoder, variant=variant, width=width, height=height, tflops=args.tflops,
+                                pcie_gbps=pcie)
+            print_table(rows, source, f"{width}x{height}", args.tflops, pcie)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            return 0
+        quantize = getattr(args, "quantize", None)
         report = dry_run(spec, encoder, variant=variant, width=width, height=height, refs=args.refs,
                          steps=args.steps, guidance=args.guidance, dtype=_dtype(args.dtype) or torch.bfloat16,
-                         tflops=args.tflops)
+                         tflops=args.tflops, quantize=None if quantize in (None, "none") else quantize,
+                         offload=getattr(args, "offload", None) or "none")
     report["source"] = source
     print_report(report, source)
     if args.json:

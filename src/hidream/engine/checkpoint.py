@@ -309,7 +309,8 @@ def _read_all(ckpt: Checkpoint, names: set[str], convert: Callable[[str, torch.T
 
 
 def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None,
-               gemm_dtype: torch.dtype | None = None, quantize: bool = False) -> HiDreamO1:
+               gemm_dtype: torch.dtype | None = None, quantize: bool = False,
+               host: tuple[str, ...] = ()) -> HiDreamO1:
     """Build the model on the meta device and fill it straight from the files on `device` in `dtype`.
 
     `gemm_dtype`: the decoder's and generation parts' Linear weights in that dtype instead, the rest
@@ -318,6 +319,7 @@ def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch
     fp8 layers keep their stored fp8 weights and compute in the dtype their weight would have had.
     `quantize`: the decoder layers' linear weights are quantized to fp8 (a scale per row) one by one
     as they are read, on `device`: a bf16 checkpoint never needs its full size there.
+    `host`: tensors named under these prefixes are loaded into host memory instead (embed_tokens on CUDA).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     with torch.device("meta"):
@@ -332,7 +334,12 @@ def load_model(checkpoint: Path | Checkpoint, device: torch.device, dtype: torch
                    if quantize and DECODER_LINEAR.match(n.removesuffix(".weight"))} - set(ckpt.scales)
     fp8_weights = {layer + ".weight" for layer in (*ckpt.scales, *to_quantize)}
     batch: dict[str, torch.Tensor] = {}
-    for name, tensor in _read_all(ckpt, set(ckpt.tensors) - fp8_weights, lambda n, t: t.to(device, dtype_of(n))):
+    cpu = torch.device("cpu")
+
+    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(cpu if name.startswith(host) else device, dtype_of(name))
+
+    for name, tensor in _read_all(ckpt, set(ckpt.tensors) - fp8_weights, convert):
         batch[name] = tensor
         if len(batch) >= 64:
             model.load_state_dict(batch, strict=False, assign=True)

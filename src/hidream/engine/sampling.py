@@ -48,7 +48,7 @@ class Denoiser:
         self.model, self.cond, self.mode = model, cond, mode
         spec = model.spec
         self.dtype = model.model.language_model.embed_tokens.weight.dtype
-        self.device = model.model.language_model.embed_tokens.weight.device
+        self.device = model.model.x_embedder.proj2.weight.device  # embed_tokens may be on the host
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta)
         self._rope = lambda pos: mrope_cos_sin(pos.to(self.device), inv_freq, spec.mrope_section, self.dtype)
         # (branch rows, their K/V buffers (None: full recompute), RoPE cos/sin of the rows' tokens)
