@@ -99,3 +99,50 @@ def test_dry_run_of_the_full_configuration(tmp_path: Path) -> None:
     m = r["memory"]
     assert m["host_weights_bytes"] == 2 * 151936 * 4096  # embed_tokens, in host memory
     assert 0 <= m["weights_bytes"] + m["host_weights_bytes"] - 2 * r["params"] < 2**20
+
+
+def test_dry_run_estimates_fp8_and_offload(tmp_path: Path) -> None:
+    base = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--steps", "2")
+    fp8 = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--steps", "2", "--quantize", "fp8")
+    off = _dry_run(tmp_path, "--config", "demo", "--size", "128x128", "--steps", "2", "--offload", "layers")
+    spec = named_spec_of("demo", tmp_path / "spec")
+    t = spec.text
+    layer = 2 * (t.hidden_size * spec.head_dim * (t.num_attention_heads * 2 + t.num_key_value_heads * 2)
+                 + 3 * t.hidden_size * t.intermediate_size)  # bf16 linear weights of one decoder layer
+    # fp8: each layer's linear weights take one byte per value, plus a float32 scale per output row
+    rows = spec.head_dim * (t.num_attention_heads + 2 * t.num_key_value_heads) + t.hidden_size \
+        + 2 * t.intermediate_size + t.hidden_size
+    saved = t.num_hidden_layers * (layer // 2 - 4 * rows)
+    assert base["memory"]["weights_bytes"] - fp8["memory"]["weights_bytes"] == saved
+    assert fp8["weights"] == "bfloat16, decoder linears fp8" and off["offload"] == "layers"
+    # offload: layers and ViT on the host, the device holds 3 slots (ahead 2: all 3 demo layers, copies)
+    import torch
+
+    from hidream.engine.model import DecoderLayer
+
+    with torch.device("meta"):
+        one = sum(p.numel() for p in DecoderLayer(spec).parameters()) * 2
+    m, b = off["memory"], base["memory"]
+    assert m["host_weights_bytes"] - b["host_weights_bytes"] > t.num_hidden_layers * one  # + the ViT
+    assert m["weights_bytes"] + m["host_weights_bytes"] - b["weights_bytes"] - b["host_weights_bytes"] == 3 * one
+
+
+def test_dry_run_memory_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "table.json"
+    assert main(["bench", "--dry-run", "--memory-table", "--config", "demo", "--size", "512x512",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["weights"], r["offload"]) for r in rows[::3]] == [("bf16", "none"), ("bf16", "layers"),
+                                                                 ("fp8", "none"), ("fp8", "layers")]
+    assert [r["references"] for r in rows[:3]] == [0, 1, 10]
+    by = {(r["weights"], r["offload"], r["references"]): r for r in rows}
+    for refs in (0, 1, 10):
+        assert by[("fp8", "none", refs)]["weights_bytes"] < by[("bf16", "none", refs)]["weights_bytes"]
+        assert by[("bf16", "layers", refs)]["host_bytes"] > by[("bf16", "none", refs)]["host_bytes"]
+    printed = capsys.readouterr().out
+    assert "| fp8 | layers | 10 references |" in printed
+
+
+def test_memory_table_needs_the_dry_run(capsys) -> None:
+    assert main(["bench", "--memory-table", "--config", "demo"]) == 2
+    assert "--memory-table" in capsys.readouterr().err

@@ -449,16 +449,22 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_only_flags(args: argparse.Namespace, instead_of: str) -> None:
-    """--quantize, --offload and --tokenizer load a checkpoint: refused with --config or --dry-run."""
+    """--quantize, --offload and --tokenizer load a checkpoint: refused with --config's random weights."""
     for flag, value in (("--quantize", args.quantize), ("--offload", args.offload), ("--tokenizer", args.tokenizer)):
         if value not in (None, "none"):
             raise InvalidRequestError(flag, f"applies to a loaded checkpoint (--model), not {instead_of}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.dry_run or args.config:  # no checkpoint is loaded: the loading flags would be ignored
-        _checkpoint_only_flags(args, "--dry-run (its estimates are of bf16 weights on the device)" if args.dry_run
-                               else f"--config {args.config} (random weights)")
+    if args.memory_table and not args.dry_run:
+        raise InvalidRequestError("--memory-table", "is a --dry-run report: add --dry-run")
+    if args.dry_run and args.offload == "auto":
+        raise InvalidRequestError("--offload", "auto depends on a device's free memory: the dry run estimates none "
+                                  "or layers (--memory-table shows both)")
+    if args.dry_run and args.tokenizer is not None and args.config:
+        raise InvalidRequestError("--tokenizer", f"reads a checkpoint's tokenizer, not --config {args.config}'s")
+    if args.config and not args.dry_run:  # random weights: the loading flags would be ignored
+        _checkpoint_only_flags(args, f"--config {args.config} (random weights)")
     if args.dry_run:
         from hidream.dry_run import run_dry_run
 
@@ -774,6 +780,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "flops per step and image, the seconds floor at --tflops and peak memory (estimates)")
     b.add_argument("--tflops", type=NUMBER, default=800.0,
                    help="dense throughput for the --dry-run floor, in TFLOP/s (default 800)")
+    b.add_argument("--memory-table", action="store_true",
+                   help="with --dry-run: peak device memory and the seconds floor for bf16 and fp8 weights, each with "
+                        "and without --offload layers, at --size for text-to-image, an edit and 10 references")
+    b.add_argument("--pcie-gbps", type=NUMBER, default=25.0,
+                   help="host-to-device bandwidth for the --memory-table floor with offload, in GB/s (default 25)")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("convert", help="write a checkpoint as one .safetensors file (ComfyUI-style) or an official "

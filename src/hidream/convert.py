@@ -32,14 +32,6 @@ FP8 = torch.float8_e4m3fn
 COMFY_FP8 = json.dumps({"format": "float8_e4m3fn"}).encode()
 
 
-def _drop_list(raw: str | None) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in (raw or "").split(",") if n.strip())
-    for name in names:
-        if name not in DROPPABLE:
-            raise InvalidRequestError("drop", f"names from {', '.join(DROPPABLE)}, comma-separated (got {name!r})")
-    return names
-
-
 class Plan:
     """What DST holds: per output tensor its dtype and shape (for the header), and how to make it."""
 
@@ -141,6 +133,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "bf16", drop: tuple[s
             tokenizer: str | Path | None = None, variant: str | None = None, fp8_scaling: str = "row",
             shard_gb: float = 5.0, force: bool = False) -> Path:
     """Write SRC as DST (see the module's docstring); DST is replaced only with `force`."""
+    unknown = [d for d in drop if d not in DROPPABLE]
+    if unknown:
+        raise InvalidRequestError("drop", f"names from {', '.join(DROPPABLE)} (got {unknown[0]!r})")
     if dtype not in DTYPES:
         raise InvalidRequestError("dtype", f"must be bf16 or fp8 (got {dtype!r})")
     if fp8_scaling not in ("row", "tensor"):
@@ -187,25 +182,10 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "bf16", drop: tuple[s
     return dst
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="a checkpoint directory in the official layout, or a .safetensors file")
-    p.add_argument("dst", metavar="DST", help="the directory to write, or a single file when it ends in .safetensors")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES,
-                   help="bf16, or fp8 for the decoder's linear weights (the rest bf16); default bf16")
-    p.add_argument("--drop", metavar="lm_head,deepstack", default="",
-                   help="leave out lm_head (never used to draw) and/or the ViT's DeepStack mergers")
-    p.add_argument("--fp8-scaling", default="row", choices=("row", "tensor"),
-                   help="with --dtype fp8: a scale per output row (default), or one per tensor (ComfyUI's layout)")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer and processor files, for a SRC file that has none")
-    p.add_argument("--variant", choices=("full", "dev"), help="record this variant (default: SRC's)")
-    p.add_argument("--shard-gb", type=float, default=5.0, help="a directory's shard size in GB (default 5)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-
-
 def run(args: argparse.Namespace) -> int:
+    """`hidream convert` (its arguments are declared in cli.py, which must not import torch to build)."""
     try:
-        drop = tuple(args.drop) if isinstance(args.drop, list | tuple) else _drop_list(args.drop)
-        out = convert(args.src, args.dst, args.dtype, drop, args.tokenizer, args.variant, args.fp8_scaling,
+        out = convert(args.src, args.dst, args.dtype, tuple(args.drop), args.tokenizer, args.variant, args.fp8_scaling,
                       getattr(args, "shard_gb", 5.0), getattr(args, "force", False))
     except CheckpointError as err:
         print(f"error: SRC: {err}", file=sys.stderr)

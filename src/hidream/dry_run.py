@@ -184,14 +184,13 @@ def named_spec(config: str, workdir: Path) -> tuple[ModelSpec, PromptEncoder]:
     return spec, PromptEncoder(tokenizer, processor, spec.image_token_id)
 
 
-def checkpoint_spec(checkpoint: Path) -> tuple[ModelSpec, PromptEncoder]:
-    """A checkpoint's spec, tokenizer and image processor; its weights are never read."""
-    from hidream.engine.config import load_spec
-    from hidream.engine.checkpoint import load_processors as _load_processors
+def checkpoint_spec(checkpoint: Path, tokenizer: str | None = None) -> tuple[ModelSpec, PromptEncoder]:
+    """A checkpoint's (directory or single file) spec, tokenizer and image processor; no weight is read."""
+    from hidream.engine.checkpoint import open_checkpoint
 
-    spec = load_spec(checkpoint)
-    tokenizer, processor = _load_processors(checkpoint)
-    return spec, PromptEncoder(tokenizer, processor, spec.image_token_id)
+    ckpt = open_checkpoint(checkpoint, tokenizer=tokenizer)
+    tok, processor = ckpt.processors()
+    return ckpt.spec, PromptEncoder(tok, processor, ckpt.spec.image_token_id)
 
 
 def fake_engine(spec: ModelSpec, encoder: PromptEncoder, variant: str, dtype: torch.dtype,
@@ -390,7 +389,9 @@ def memory_table(spec: ModelSpec, encoder: PromptEncoder, *, variant: str, width
                          "peak_bytes": r["memory"]["peak_bytes"], "weights_bytes": r["memory"]["weights_bytes"],
                          "host_bytes": r["memory"]["host_weights_bytes"], "steps": r["steps"],
                          "floor_seconds": seconds_per_image(r, pass_bytes, pcie_gbps),
-                         "compute_floor_seconds": r["floor_seconds"], "pass_bytes": pass_bytes})
+                         "compute_floor_seconds": r["floor_seconds"], "pass_bytes": pass_bytes,
+                         "flops_per_step": r["flops_per_step"], "prefill_flops": r["prefill_flops"],
+                         "branches": r["branches"]})
     return rows
 
 
@@ -425,21 +426,21 @@ def run_dry_run(args: argparse.Namespace) -> int:
             variant, source = args.variant or "full", f"the {args.config} configuration"
         else:
             checkpoint, _ = resolve_model(args.model)
-            spec, encoder = checkpoint_spec(checkpoint)
+            spec, encoder = checkpoint_spec(checkpoint, getattr(args, "tokenizer", None))
             variant, source = args.variant or detect_variant(checkpoint), f"the configuration of {checkpoint}"
-        if getattr(args, "memory_table", False):
-            pcie = getattr(args, "pcie_gbps", None) or DEFAULT_PCIE_GBPS
+        if args.memory_table:
+            pcie = args.pcie_gbps or DEFAULT_PCIE_GBPS
             rows = memory_table(spec, encoder, variant=variant, width=width, height=height, tflops=args.tflops,
                                 pcie_gbps=pcie)
             print_table(rows, source, f"{width}x{height}", args.tflops, pcie)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
             return 0
-        quantize = getattr(args, "quantize", None)
+        quantize = args.quantize
         report = dry_run(spec, encoder, variant=variant, width=width, height=height, refs=args.refs,
                          steps=args.steps, guidance=args.guidance, dtype=_dtype(args.dtype) or torch.bfloat16,
                          tflops=args.tflops, quantize=None if quantize in (None, "none") else quantize,
-                         offload=getattr(args, "offload", None) or "none")
+                         offload=args.offload or "none")
     report["source"] = source
     print_report(report, source)
     if args.json:

@@ -133,9 +133,12 @@ class Attention(nn.Module):
         self.qkv_proj: Linear | None = None  # set by fuse(); q/k/v_proj are gone then
 
     def fuse(self) -> None:
-        """Replace q/k/v_proj by one GEMM (the checkpoint's names stay the on-disk ones)."""
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
+        """Replace q/k/v_proj by one GEMM (the checkpoint's names stay the on-disk ones); parts that
+        cannot share one (fp8 beside bf16, as in files with fp8 on some layers only) stay apart."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj]) if self.qkv_proj is None else None
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, S, hidden] -> q [B, S, H, D], k/v [B, S, KVH, D], normed and rotated."""
@@ -159,8 +162,10 @@ class MLP(nn.Module):
         self.gate_up_proj: Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
+        fused = fuse_linears([self.gate_proj, self.up_proj]) if self.gate_up_proj is None else None
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, S, hidden]; long sequences in chunks of MLP_CHUNK tokens, so the [B, S, 2 * intermediate]

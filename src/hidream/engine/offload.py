@@ -261,8 +261,9 @@ class LayerOffload:
 
     @contextlib.contextmanager
     def visual_on_device(self) -> Iterator[None]:
-        """The ViT's tensors on the device for the block (one request's references), on the host again after."""
-        on_device = [_like(t, t.to(self.device, non_blocking=True)) for t in self._visual_host]
+        """The ViT's tensors on the device for the block (one request's references), on the host again after.
+        Copied even when host == device (the CPU), so the code path, and a memory estimate, is the device's."""
+        on_device = [_like(t, t.to(self.device, non_blocking=True, copy=True)) for t in self._visual_host]
         _point(self._visual_refs, on_device)
         try:
             yield
