@@ -238,3 +238,15 @@ def test_unusable_device_is_a_clear_error(demo_checkpoint, device):
     with pytest.raises(InvalidRequestError) as err:
         Engine.load(demo_checkpoint, device=device)
     assert err.value.field == "device"
+
+
+def test_place_keeps_host_prefixes_on_the_cpu_and_moves_the_rest(demo_checkpoint):
+    from hidream.engine.checkpoint import load_model
+    from hidream.engine.pipeline import EMBED, place
+
+    model = load_model(demo_checkpoint, torch.device("cpu"), torch.float32)
+    place(model, torch.device("meta"), host=(EMBED,))  # meta stands in for a CUDA device
+    where = {n: t.device.type for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert where.pop("model.language_model.embed_tokens.weight") == "cpu"
+    assert set(where.values()) == {"meta"}
+    assert all(isinstance(p, torch.nn.Parameter) for _, p in model.named_parameters())

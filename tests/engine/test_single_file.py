@@ -227,3 +227,39 @@ def test_other_suffixes_and_missing_paths(tmp_path: Path) -> None:
     gguf.write_bytes(b"GGUF")
     assert ".safetensors" in error_of(gguf)
     assert "no such checkpoint" in error_of(tmp_path / "absent.safetensors")
+
+
+def test_fp8_on_the_mlp_only_as_comfy_ships_it(files, tmp_path: Path, reference) -> None:
+    """ComfyUI's fp8_scaled repack: fp8 matmuls on the MLP layers, attention in bf16."""
+    def attention_bf16(t):
+        for name in [n for n in t if ".self_attn." in n and n.endswith(".weight_scale")]:
+            layer = name.removesuffix(".weight_scale")
+            t[layer + ".weight"] = (t[layer + ".weight"].float() * t.pop(name)).to(torch.bfloat16)
+            t.pop(layer + ".comfy_quant")
+
+    path = repack(files["fp8"], tmp_path / "mlp-fp8.safetensors", attention_bf16, _meta(files["fp8"]))
+    engine = Engine.load(path, device="cpu")
+    layer = engine.model.layers[0]
+    assert engine.quantize == "fp8"
+    assert isinstance(layer.mlp.gate_up_proj, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
+    assert not isinstance(layer.self_attn.qkv_proj, Fp8Linear) and not isinstance(layer.self_attn.o_proj, Fp8Linear)
+    image = np.asarray(engine.generate(REQUEST).images[0]).astype(np.float64)
+    mse = ((image - reference) ** 2).mean()
+    assert 0 < mse and 10 * np.log10(255.0**2 / mse) > 40
+
+
+def test_a_group_mixing_fp8_and_bf16_stays_unfused_and_draws_the_same(files, tmp_path: Path) -> None:
+    up = "model.language_model.layers.0.mlp.up_proj"
+
+    def up_bf16(t):
+        t[up + ".weight"] = (t[up + ".weight"].float() * t.pop(up + ".weight_scale")).to(torch.bfloat16)
+        t.pop(up + ".comfy_quant")
+
+    path = repack(files["fp8"], tmp_path / "mixed.safetensors", up_bf16, _meta(files["fp8"]))
+    mixed = Engine.load(path, device="cpu")
+    mlp = mixed.model.layers[0].mlp
+    assert mlp.gate_up_proj is None and isinstance(mlp.gate_proj, Fp8Linear) and not isinstance(mlp.up_proj, Fp8Linear)
+    assert mixed.model.layers[1].mlp.gate_up_proj is not None  # the other layers fuse as usual
+    unfused = Engine.load(path, device="cpu", fuse=False)
+    a = np.asarray(mixed.generate(REQUEST).images[0])
+    assert np.array_equal(a, np.asarray(unfused.generate(REQUEST).images[0]))
