@@ -30,7 +30,9 @@ import torch
 
 from hidream.bench import PROMPT, random_engine
 from hidream.engine import fp8
+from hidream.engine.errors import InvalidRequestError
 from hidream.engine.pipeline import Engine, GenerationRequest
+from hidream.sizes import resolve_size
 
 SEED = 42
 
@@ -122,13 +124,11 @@ def print_table(rows: list[dict], args: argparse.Namespace, device_name: str) ->
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    """--size as the service reads sizes (WxH, rounded to multiples of 32, within the size rule)."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
-    if width <= 0 or height <= 0 or width % 32 or height % 32:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32")
-    return width, height
+        return resolve_size(text, "--size")
+    except InvalidRequestError as err:
+        raise argparse.ArgumentTypeError(err.rule) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -291,12 +292,23 @@ def test_the_worker_registers_beats_and_leaves(worker_service) -> None:
     assert store.get_task(tid)["status"] == "created"  # released, as before
 
 
-def test_a_worker_without_a_device_says_unknown_and_registers_again_if_removed(worker_service) -> None:
+@contextmanager
+def running_worker(worker_service, engine, worker_id: str) -> Iterator[Worker]:
+    """A worker for `engine` running on a thread for the block, stopped after it."""
     settings, store, storage, _ = worker_service
-    worker = Worker(settings, store, storage, SolidEngine, worker_id="w-plain")
+    worker = Worker(settings, store, storage, engine, worker_id=worker_id)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_a_worker_without_a_device_says_unknown_and_registers_again_if_removed(worker_service) -> None:
+    settings, store, storage, _ = worker_service
+    with running_worker(worker_service, SolidEngine, "w-plain"):
         wait(lambda: len(store.list_workers()) == 1)
         assert store.list_workers()[0]["device"] == "unknown"
         assert store.list_workers()[0]["engine"] == {"precision": None, "quantize": None, "offload": None,
@@ -305,18 +317,12 @@ def test_a_worker_without_a_device_says_unknown_and_registers_again_if_removed(w
         wait(lambda: store.list_workers()[0]["heartbeat_at"] > first, timeout=5)  # the periodic beat (1 s)
         store.remove_worker("w-plain")  # e.g. a clean-up by hand: the next beat advertises it again
         wait(lambda: len(store.list_workers()) == 1, timeout=heartbeat_interval_s(settings.lease_s) + 5)
-    finally:
-        worker.stop()
-        thread.join(10)
     assert store.list_workers() == []
 
 
 def test_the_worker_records_its_engines_precision_quantize_and_offload(worker_service) -> None:
     settings, store, storage, _ = worker_service
-    worker = Worker(settings, store, storage, Fp8OffloadEngine, worker_id="w-fp8")
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running_worker(worker_service, Fp8OffloadEngine, "w-fp8"):
         wait(lambda: len(store.list_workers()) == 1)
         [w] = store.list_workers()
         assert (w["device"], w["engine"]) == ("cuda:3", {"precision": "bf16", "quantize": "fp8", "offload": "layers",
@@ -324,9 +330,6 @@ def test_the_worker_records_its_engines_precision_quantize_and_offload(worker_se
         store.remove_worker("w-fp8")  # registered again by the next beat: with its engine again
         wait(lambda: len(store.list_workers()) == 1, timeout=heartbeat_interval_s(settings.lease_s) + 5)
         assert store.list_workers()[0]["engine"]["quantize"] == "fp8"
-    finally:
-        worker.stop()
-        thread.join(10)
 
 
 def test_a_worker_whose_model_fails_to_load_never_registers(worker_service) -> None:

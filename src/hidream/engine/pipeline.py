@@ -189,7 +189,9 @@ class Engine:
         self.variant = variant
         self.checkpoint = checkpoint
         weight = model.model.language_model.embed_tokens.weight
-        self.device, self.dtype = device or weight.device, weight.dtype  # dtype: the residual stream's and latent's
+        # dtype: the residual stream's and the latent's; device: where the model computes (the token table
+        # may be in host memory)
+        self.device, self.dtype = device or model.model.x_embedder.proj2.weight.device, weight.dtype
         self.precision = precision or ("fp32" if self.dtype == torch.float32 else "bf16")
         if fuse and model.layers[0].self_attn.qkv_proj is None:
             model.fuse_projections()
