@@ -168,7 +168,8 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "bf16", drop: tuple[s
             write_file(partial / file, plan.tensors(names), {n: plan.shapes[n] for n in names}, {"format": "pt"})
             weight_map.update({n: file for n in names})
         if len(shards) > 1:
-            total = sum((partial / f).stat().st_size for f in set(weight_map.values()))
+            total = sum(torch.empty((), dtype=d).element_size() * int(torch.Size(shape).numel())
+                        for d, shape in plan.shapes.values())  # the tensors' bytes, as the official index has it
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
