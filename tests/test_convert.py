@@ -77,6 +77,7 @@ def test_directory_output_is_the_official_layout(layouts: dict[str, Path], demo_
     original = load_file(str(demo_checkpoint / "model.safetensors"))
     assert stored.keys() == original.keys()
     assert all(torch.equal(stored[k], original[k]) for k in original)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
 
 
 def test_single_file_carries_config_variant_and_tokenizer(layouts: dict[str, Path], demo_checkpoint: Path) -> None:
