@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from hidream.engine.checkpoint import load_model, open_checkpoint
 from hidream.engine.config import PATCH_SIZE, Recipe, SchedulerName, Variant, recipe_for
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.host import keep_freed_memory
+from hidream.engine.lora import LoraCache, LoraError, LoraSpec, apply_loras, check_scale
 from hidream.engine.model import HiDreamO1, VisualInjection
 from hidream.engine.sampling import Conditioning, Denoiser, Mode, denoise
 from hidream.engine.schedulers import (
@@ -74,6 +76,9 @@ class GenerationRequest:
     noise_scale: float | None = None
     noise_scale_end: float | None = None
     noise_clip_std: float | None = None
+    # LoRAs for this request only (each a LoraSpec, or a (path, scale) pair), applied as a runtime branch
+    # (or merged, with Engine.lora_mode) and taken off after.
+    loras: Sequence[LoraSpec | tuple[str | Path, float]] = ()
 
 
 @dataclass
@@ -93,6 +98,7 @@ class GenerationResult:
     noise_scale: float | None = None
     noise_scale_end: float | None = None
     noise_clip_std: float | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
 
 
 def default_device() -> torch.device:
@@ -209,12 +215,15 @@ class Engine:
         self.compiled = compile
         if compile:
             model.compile_layers()
+        self.lora_cache = LoraCache()  # parsed LoRA files, least recently used out first (max_bytes)
+        self.lora_mode: str = "runtime"  # or "merged": the updates added to the weights for the request
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, variant: Variant | None = None, *,
              precision: Precision | None = None, compile: bool = False, fuse: bool = True,
-             quantize: str | None = None, offload: str = "none", tokenizer: str | Path | None = None) -> Engine:
+             quantize: str | None = None, offload: str = "none", tokenizer: str | Path | None = None,
+             lora_mode: str = "runtime") -> Engine:
         """Load an official checkpoint directory or a single `.safetensors` file (CUDA and bf16 when available).
 
         precision: bf16 | bf16-fp32acc | fp32 (see PRECISIONS); `dtype` is the older spelling of
@@ -222,8 +231,12 @@ class Engine:
         fuse=False keeps q/k/v and gate/up as separate GEMMs (for comparisons). quantize "fp8": the
         decoder's linear layers stored in fp8 (a file's own fp8 layers always are). offload: none |
         layers | auto (layers when the model does not fit the device's free memory). tokenizer: the
-        directory of tokenizer and processor files, for a single file that carries none.
+        directory of tokenizer and processor files, for a single file that carries none. lora_mode:
+        how a request's LoRAs are applied, "runtime" (a low-rank branch) or "merged" (into the weights,
+        restored after; fp8 layers take the branch).
         """
+        if lora_mode not in ("runtime", "merged"):
+            raise InvalidRequestError("lora_mode", f"must be runtime or merged (got {lora_mode!r})")
         device = resolve_device(device)
         precision = resolve_precision(precision, dtype, device)
         quantize = resolve_quantize(quantize)
@@ -245,7 +258,9 @@ class Engine:
             from hidream.engine.offload import choose_offload
 
             offload = choose_offload(offload, model, device)
-        return cls(model, encoder, ckpt.variant, ckpt.path, precision, compile, fuse, offload, device)
+        engine = cls(model, encoder, ckpt.variant, ckpt.path, precision, compile, fuse, offload, device)
+        engine.lora_mode = lora_mode
+        return engine
 
     # --- the request ----------------------------------------------------------------------------
 
@@ -294,6 +309,34 @@ class Engine:
         if not images_ok(req.num_images):
             raise InvalidRequestError("num_images", f"{IMAGES_RULE} (got {req.num_images!r})")
         self._validate_sampling(req)
+        self.lora_specs(req)
+
+    @staticmethod
+    def lora_specs(req: GenerationRequest) -> list[LoraSpec]:
+        """The request's LoRAs as LoraSpecs, each file there and each scale in range; InvalidRequestError
+        naming `loras[i].path` or `loras[i].scale` otherwise."""
+        specs = []
+        for i, item in enumerate(req.loras):
+            path, scale = (item.path, item.scale) if isinstance(item, LoraSpec) else item
+            if not Path(path).is_file():
+                raise InvalidRequestError(f"loras[{i}].path", f"{path}: no such file")
+            specs.append(LoraSpec(Path(path), check_scale(scale, f"loras[{i}].scale")))
+        return specs
+
+    @contextmanager
+    def loras_applied(self, specs: Sequence[LoraSpec]) -> Iterator[None]:
+        """The model with `specs` on it for the block (read through `lora_cache`), as it was after."""
+        if not specs:
+            yield
+            return
+        files = []
+        for i, spec in enumerate(specs):
+            try:
+                files.append((self.lora_cache.get(spec.path), spec.scale))
+            except LoraError as err:
+                raise LoraError(err.rule, err.key, f"loras[{i}].path") from None
+        with apply_loras(self.model, files, self.lora_mode):
+            yield
 
     def _validate_sampling(self, req: GenerationRequest) -> None:
         problem = sampling_problem(
@@ -352,6 +395,13 @@ class Engine:
         step (otherwise nothing in the loop waits for it).
         """
         self.validate(req)
+        with self.loras_applied(self.lora_specs(req)):
+            result = self._generate(req, progress, should_cancel, mode, batch_guidance, timings)
+        result.loras = [(str(s.path), s.scale) for s in self.lora_specs(req)]
+        return result
+
+    def _generate(self, req: GenerationRequest, progress: ProgressFn | None, should_cancel: Callable[[], bool] | None,
+                  mode: Mode, batch_guidance: bool, timings: bool) -> GenerationResult:
         started = time.perf_counter()
         sources = [img.load_image(r, f"references[{i}]") for i, r in enumerate(req.references)]
         recipe = self.resolve(req)
