@@ -292,3 +292,13 @@ def test_errors_at_generation_name_the_request_field(tmp_path, lora_engine) -> N
     # the failed requests left nothing on the model
     hooks = [m for m in lora_engine.model.modules() if m._forward_hooks]
     assert hooks == []
+
+
+def test_offloaded_layers_take_the_branch_and_draw_the_same(tmp_path, demo_checkpoint, lora_engine) -> None:
+    path = peft(tmp_path / "l.safetensors", random_lora([Q, DOWN, UP, VIT]))
+    offloaded = Engine.load(demo_checkpoint, device="cpu", offload="layers", lora_mode="merged")
+    assert offloaded.effective_lora_mode() == "runtime"
+    host = [t.clone() for t in offloaded.model.offload.host_tensors()]
+    got = pixels(offloaded.generate(request(L.LoraSpec(path))).images[0])
+    assert np.array_equal(got, pixels(lora_engine.generate(request(L.LoraSpec(path))).images[0]))
+    assert all(torch.equal(a, b) for a, b in zip(host, offloaded.model.offload.host_tensors(), strict=True))

@@ -335,8 +335,15 @@ class Engine:
                 files.append((self.lora_cache.get(spec.path), spec.scale))
             except LoraError as err:
                 raise LoraError(err.rule, err.key, f"loras[{i}].path") from None
-        with apply_loras(self.model, files, self.lora_mode):
+        with apply_loras(self.model, files, self.effective_lora_mode()):
             yield
+
+    def effective_lora_mode(self) -> str:
+        """How LoRAs go on: offloaded layers take the runtime branch (their weights stream from host copies);
+        a compiled layer takes them merged (a branch would recompile it for every LoRA set); else lora_mode."""
+        if self.offload == "layers":
+            return "runtime"
+        return "merged" if self.compiled else self.lora_mode
 
     def _validate_sampling(self, req: GenerationRequest) -> None:
         problem = sampling_problem(
