@@ -19,6 +19,10 @@ MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0  # 1.0: no classifier-free guidance (one 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1  # the default: a fresh seed per request, echoed back
 MAX_IMAGES = 4
+# Each LoRA adds a low-rank branch to every layer it targets, run at every step of every image: the cap
+# bounds what one request costs a worker (community workflows stack two or three).
+MAX_LORAS = 8
+MAX_LORA_SCALE = 10.0  # a scale from -10 to 10; negative subtracts the LoRA's change
 
 DEFAULT_SIZE = "landscape_4_3"
 # On the demo checkpoint (random weights, noise out) a small size keeps every example a matter of seconds
@@ -31,6 +35,13 @@ STEPS_RULE = f"must be an integer from 1 to {MAX_STEPS}"
 GUIDANCE_RULE = f"must be a number from {MIN_GUIDANCE} to {MAX_GUIDANCE} (1.0 means no guidance)"
 SEED_RULE = f"must be an integer from 0 to {MAX_SEED}, or {RANDOM_SEED} for random"
 IMAGES_RULE = f"must be an integer from 1 to {MAX_IMAGES}"
+LORAS_RULE = (f"at most {MAX_LORAS} LoRAs (each adds work to every step; stack fewer, or merge them into one "
+              "file)")
+LORA_SCALE_RULE = f"must be a finite number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+
+
+def lora_scale_ok(value: float) -> bool:
+    return math.isfinite(value) and -MAX_LORA_SCALE <= value <= MAX_LORA_SCALE
 
 
 def size_problem(width: int, height: int) -> tuple[str, str] | None:

@@ -1,4 +1,4 @@
-"""Reference images for generation requests: `data:` URIs and http(s) URLs fetched safely.
+"""Reference images for generation requests: `data:` URIs and http(s) URLs fetched safely; files (LoRAs) too.
 
 A URL is fetched only if every address its host resolves to is public (or inside the operator's
 allow-list); the connection goes to a validated IP itself (the original name travels in the `Host`
@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -168,14 +171,14 @@ async def _default_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _parse_url(url: str, field: str) -> httpx.URL:
+def _parse_url(url: str, field: str, schemes: tuple[str, ...] = ("http", "https")) -> httpx.URL:
     """Parse and vet the form of `url` (scheme, host, no credentials)."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise BadRequest(f"{field}: {_short(url)} is not a valid URL ({exc})") from None
-    if parsed.scheme not in ("http", "https"):
-        raise BadRequest(f"{field}: {_short(url)} is not an http or https URL")
+    if parsed.scheme not in schemes:
+        raise BadRequest(f"{field}: {_short(url)} is not an {' or '.join(schemes)} URL")
     if not parsed.host:
         raise BadRequest(f"{field}: {_short(url)} has no host")
     if parsed.userinfo:
@@ -208,6 +211,7 @@ async def _validated_addresses(
 
 
 IMAGE_HEADERS = {"Accept": "image/png, image/jpeg, image/webp", "Accept-Encoding": "identity"}
+FILE_HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity"}
 
 
 def _pinned_request(client: httpx.AsyncClient, url: httpx.URL, ip: IPAddress, method: str = "GET",
@@ -252,8 +256,41 @@ async def _read_body(response: httpx.Response, policy: FetchPolicy, field: str, 
     return bytes(body)
 
 
-async def _fetch(url: str, policy: FetchPolicy, field: str, resolver: Resolver) -> bytes:
-    current, current_text = _parse_url(url, field), url
+async def _save_body(response: httpx.Response, policy: FetchPolicy, field: str, shown: str,
+                     dest: Path) -> tuple[str, int]:
+    """Stream the body into `dest` within the size cap; (sha256 hex, bytes). Hashing and writing run off the
+    event loop, a megabyte at a time."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadRequest(f"{field}: {shown} uses Content-Encoding {encoding[:40]}, which is not supported")
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > policy.max_bytes:
+        raise BadRequest(f"{field}: {shown} is {int(length)} bytes, over the {policy.max_bytes}-byte limit")
+    digest, size, pending = hashlib.sha256(), 0, bytearray()
+
+    def write(file, chunk: bytes) -> None:
+        digest.update(chunk)
+        file.write(chunk)
+
+    with dest.open("wb") as file:
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise BadRequest(f"{field}: {shown} is over the {policy.max_bytes}-byte limit")
+            pending += chunk
+            if len(pending) >= 1 << 20:
+                await asyncio.to_thread(write, file, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(write, file, bytes(pending))
+    return digest.hexdigest(), size
+
+
+@asynccontextmanager
+async def _followed(url: str, policy: FetchPolicy, field: str, resolver: Resolver, headers: dict[str, str],
+                    schemes: tuple[str, ...] = ("http", "https")) -> AsyncIterator[tuple[httpx.Response, str]]:
+    """The 2xx response at the end of `url`'s redirects (every hop's address checked, and the peer's), unread,
+    with how to name it in messages (`URL (redirected to URL2)`)."""
+    current, current_text = _parse_url(url, field, schemes), url
     timeout = httpx.Timeout(policy.timeout_s)
     for hop in range(policy.max_redirects + 1):
         shown = _short(url) if hop == 0 else f"{_short(url)} (redirected to {_short(current_text)})"
@@ -263,7 +300,7 @@ async def _fetch(url: str, policy: FetchPolicy, field: str, resolver: Resolver) 
             response, error = None, None
             for ip in ips:
                 try:
-                    response = await client.send(_pinned_request(client, current, ip), stream=True)
+                    response = await client.send(_pinned_request(client, current, ip, headers=headers), stream=True)
                     break
                 except httpx.ConnectError as exc:
                     error = exc
@@ -282,21 +319,27 @@ async def _fetch(url: str, policy: FetchPolicy, field: str, resolver: Resolver) 
                         raise BadRequest(f"{field}: {shown} redirected to an invalid URL ({exc})") from None
                     current_text = str(target)
                     try:
-                        current = _parse_url(current_text, field)
+                        current = _parse_url(current_text, field, schemes)
                     except BadRequest as exc:
                         raise BadRequest(f"{exc.message} (redirected from {_short(url)})") from None
                     continue
                 if not 200 <= response.status_code < 300:
                     raise BadRequest(f"{field}: {shown} returned HTTP {response.status_code}")
-                body = await _read_body(response, policy, field, shown)
+                yield response, shown
+                return
             finally:
                 await response.aclose()
-        try:  # decoding is CPU work: keep it off the event loop
-            await asyncio.to_thread(check_image, body, policy, field)
-        except BadRequest as exc:
-            raise BadRequest(f"{field}: {shown}: {exc.message.removeprefix(f'{field}: ')}") from None
-        return body
     raise AssertionError("unreachable")
+
+
+async def _fetch(url: str, policy: FetchPolicy, field: str, resolver: Resolver) -> bytes:
+    async with _followed(url, policy, field, resolver, IMAGE_HEADERS) as (response, shown):
+        body = await _read_body(response, policy, field, shown)
+    try:  # decoding is CPU work: keep it off the event loop
+        await asyncio.to_thread(check_image, body, policy, field)
+    except BadRequest as exc:
+        raise BadRequest(f"{field}: {shown}: {exc.message.removeprefix(f'{field}: ')}") from None
+    return body
 
 
 async def fetch_image(url: str, policy: FetchPolicy, field: str, resolver: Resolver | None = None) -> bytes:
@@ -310,6 +353,30 @@ async def fetch_image(url: str, policy: FetchPolicy, field: str, resolver: Resol
         raise BadRequest(f"{field}: {_short(url)} answered with an invalid URL ({exc})") from None
     except httpx.HTTPError as exc:
         raise BadRequest(f"{field}: {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
+
+
+async def fetch_file(url: str, policy: FetchPolicy, field: str, dest: Path, *, schemes: tuple[str, ...] = ("https",),
+                     total_timeout_s: float | None = None, resolver: Resolver | None = None) -> tuple[str, int]:
+    """Download `url` into `dest` under `policy`'s address rules and size cap, within `total_timeout_s` (default:
+    the policy's timeout); (sha256 hex, bytes). `BadRequest` naming `field` and the URL on any failure, with
+    `dest` removed."""
+    total = policy.timeout_s if total_timeout_s is None else total_timeout_s
+    try:
+        async with asyncio.timeout(total):
+            async with _followed(url, policy, field, resolver or _default_resolver, FILE_HEADERS, schemes) as (
+                    response, shown):
+                return await _save_body(response, policy, field, shown, dest)
+    except BaseException as exc:
+        dest.unlink(missing_ok=True)
+        if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            raise BadRequest(f"{field}: {_short(url)} timed out after {total:g} s") from None
+        if isinstance(exc, httpx.InvalidURL):
+            raise BadRequest(f"{field}: {_short(url)} answered with an invalid URL ({exc})") from None
+        if isinstance(exc, httpx.HTTPError):
+            raise BadRequest(f"{field}: {_short(url)} could not be fetched ({type(exc).__name__}: {exc})") from None
+        if isinstance(exc, OSError):
+            raise BadRequest(f"{field}: {_short(url)} could not be stored ({exc.strerror or exc})") from None
+        raise
 
 
 async def check_target(url: str, policy: FetchPolicy, field: str, resolver: Resolver | None = None) -> None:

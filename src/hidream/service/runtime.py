@@ -275,9 +275,11 @@ def serve(settings: Settings) -> int:
             import uvicorn
 
             from hidream.service.app import create_app
+            from hidream.service.loras import check_settings
             from hidream.service.storage import open_storage
             from hidream.service.worker import Worker
 
+            check_settings(settings)
             store = open_store(settings)
             storage = open_storage(settings)  # an S3 bucket is checked here: a bad one stops start-up
             engine = load_engine(settings) if settings.worker else None
@@ -307,10 +309,12 @@ def serve(settings: Settings) -> int:
 
 
 def run_worker(settings: Settings) -> int:
+    from hidream.service.loras import check_settings
     from hidream.service.storage import open_storage
     from hidream.service.worker import Worker
 
     setup_logging()
+    check_settings(settings)
     try:
         with stop_on_signals():
             store = open_store(settings)

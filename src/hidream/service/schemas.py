@@ -15,9 +15,13 @@ from hidream.rules import (
     DEMO_SIZE,
     GUIDANCE_RULE,
     IMAGES_RULE,
+    LORA_SCALE_RULE,
+    LORAS_RULE,
     MAX_AREA,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_NOISE_CLIP_STD,
     MAX_NOISE_SCALE,
     MAX_PROMPT,
@@ -65,6 +69,12 @@ RULES = {
     "noise_scale": NOISE_SCALE_RULE,
     "noise_scale_end": NOISE_SCALE_END_RULE,
     "noise_clip_std": NOISE_CLIP_STD_RULE,
+    "loras": f"must be a list of {{\"path\", \"scale\"}} objects, {LORAS_RULE}",
+}
+# A LoRA entry's fields: `loras[0].path: <rule>`.
+LORA_RULES = {
+    "path": "must be a LoRA file name that GET /api/v1/loras lists, or an https URL where the service takes them",
+    "scale": LORA_SCALE_RULE,
 }
 # The extensions' fields: stored in a task's input only when given, so other predictions look as they did.
 EXTENSIONS = ("scheduler", "timesteps", "noise_scale", "noise_scale_end", "noise_clip_std")
@@ -89,6 +99,24 @@ class SizeObject(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     width: int = Field(json_schema_extra=SIDE_SCHEMA)
     height: int = Field(json_schema_extra=SIDE_SCHEMA)
+
+
+class LoraRef(BaseModel):
+    """One LoRA of a request: which file, and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str = Field(min_length=1, max_length=2048,
+                      description="a file name GET /api/v1/loras lists, or an https URL where the service allows "
+                                  "them (HIDREAM_LORA_URLS)")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
+                         description="the LoRA's weight: 1.0 as trained, 0 none, negative subtracts it")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("not finite")
+        return v
 
 
 class GenerateImageRequest(BaseModel):
@@ -134,6 +162,9 @@ class GenerateImageRequest(BaseModel):
         None, ge=0, le=MAX_NOISE_CLIP_STD,
         description=f"extension, flash only: the re-noise clipped at this many standard deviations (0: none); "
                     f"default {_FLASH[2]:g}")
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=MAX_LORAS,
+        description=f"extension: LoRAs applied to this request only, each with its scale; {LORAS_RULE}")
 
     @field_validator("prompt")
     @classmethod
@@ -195,6 +226,8 @@ def validation_message(err: ValidationError | list[dict[str, Any]], extra_rules:
         return "body: must be a JSON object with the request's fields"
     name = str(loc[0])
     field = name + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+    if name == "loras" and len(loc) > 1:
+        return _lora_message(loc, kind, e)
     if kind == "extra_forbidden":
         return f"{field}: unknown field (allowed: {', '.join(RULES)})"
     if kind == "missing":
@@ -207,6 +240,18 @@ def validation_message(err: ValidationError | list[dict[str, Any]], extra_rules:
     if name == "image_size" and len(loc) > 1:
         return f"image_size: {rule} (got {_shown(e.get('input'))})"  # the union's first error has the whole value
     return f"{field}: {rule} (got {_shown(e.get('input'))})"
+
+
+def _lora_message(loc: list[Any], kind: str, e: dict[str, Any]) -> str:
+    """A problem inside `loras`: `loras[1].scale: rule (got 11)`, `loras[0]: unknown field ...`."""
+    field = f"loras[{loc[1]}]" + "".join(f".{p}" for p in loc[2:3])
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field (allowed: {', '.join(LORA_RULES)})"
+    if kind == "missing":
+        return f"{field}: is required"
+    if len(loc) == 2:
+        return f"{field}: must be an object {{\"path\": ..., \"scale\": ...}} (got {_shown(e.get('input'))})"
+    return f"{field}: {LORA_RULES.get(str(loc[2]), e.get('msg', 'is invalid'))} (got {_shown(e.get('input'))})"
 
 
 Status = Literal["created", "processing", "completed", "failed"]
@@ -310,6 +355,19 @@ class ModelsEnvelope(Envelope):
     data: list[ModelInfo]
 
 
+class LoraFile(BaseModel):
+    name: str = Field(description="what a request's loras[i].path names")
+    size_bytes: int
+    format: str | None = Field(description="peft, kohya or lokr; null when the file cannot be used")
+    modules: int | None = Field(description="how many of the model's layers it changes")
+    ranks: list[int] | None = Field(description="its ranks (one for most files)")
+    error: str | None = Field(None, description="why the file cannot be used, if it cannot")
+
+
+class LorasEnvelope(Envelope):
+    data: list[LoraFile]
+
+
 class UsageDay(BaseModel):
     date: str
     images: int
@@ -372,4 +430,8 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
                             "scheduler_defaults": {"flash": _FLASH[1]}, "extension": True},
         "noise_clip_std": {"type": "number", "default": None, "minimum": 0, "maximum": MAX_NOISE_CLIP_STD,
                            "scheduler_defaults": {"flash": _FLASH[2]}, "extension": True},
+        "loras": {"type": "array", "default": [], "max_items": MAX_LORAS, "extension": True,
+                  "items": {"path": {"type": "string", "required": True},
+                            "scale": {"type": "number", "default": 1.0, "minimum": -MAX_LORA_SCALE,
+                                      "maximum": MAX_LORA_SCALE}}},
     }

@@ -96,6 +96,10 @@ class Settings:
     webhook_timeout_s: float = 10.0  # per delivery attempt
     webhook_retry_s: float = 10.0  # the first retry's delay; it doubles each time (at most 10 minutes)
     webhook_give_up_s: float = 3600.0  # no attempt starts later than this after the prediction ended
+    lora_dir: Path | None = None  # the LoRAs a request may name (.safetensors files); None: none served
+    lora_urls: bool = False  # requests may also give https URLs of LoRAs (fetched at submit, cached by sha256)
+    lora_max_bytes: int = 2_000_000_000  # the largest LoRA download
+    lora_cache_bytes: int = 2 * 1024**3  # the worker's LRU of parsed LoRAs (engine.lora_cache.max_bytes)
 
     @property
     def base_url(self) -> str:
@@ -108,6 +112,11 @@ class Settings:
     @property
     def files_dir(self) -> Path:
         return self.storage_dir or self.home / "storage"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        """Where LoRAs downloaded from URLs are kept on this machine, named by their content's sha256."""
+        return self.home / "lora-cache"
 
     def signing_secret(self) -> str:
         """The configured secret, else one generated on first use and kept under home."""
@@ -193,6 +202,7 @@ PARSERS: dict[str, Any] = {
     "fetch_timeout_s": float, "fetch_allow": _tuple, "worker": _bool,
     "rate_per_minute": int, "max_concurrent": int, "preview_every": int, "preview_size": int,
     "webhook_timeout_s": float, "webhook_retry_s": float, "webhook_give_up_s": float,
+    "lora_dir": Path, "lora_urls": _bool, "lora_max_bytes": int, "lora_cache_bytes": int,
 }
 ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
 
@@ -246,6 +256,12 @@ HELP: dict[str, str] = {
     "webhook_timeout_s": "timeout of one webhook delivery attempt, in seconds",
     "webhook_retry_s": "delay of the first webhook retry, in seconds; it doubles each time (at most 10 minutes)",
     "webhook_give_up_s": "no webhook attempt starts later than this after the prediction ended, in seconds",
+    "lora_dir": "directory of the LoRA .safetensors files requests may name in `loras` (GET /api/v1/loras lists "
+                "it); every worker needs the same files",
+    "lora_urls": "requests may also give https URLs of LoRAs, downloaded at submit (public addresses only) and "
+                 "cached by content hash",
+    "lora_max_bytes": "largest LoRA download from a URL, in bytes",
+    "lora_cache_bytes": "bytes of parsed LoRAs a worker keeps in memory (least recently used dropped first)",
 }
 # Defaults that are not a plain value of `Settings`.
 _DEFAULT_SHOWN = {
@@ -257,6 +273,8 @@ _DEFAULT_SHOWN = {
     "s3_endpoint_url": "AWS S3", "s3_region": "boto3's", "s3_access_key_id": "boto3's default credentials",
     "s3_secret_access_key": "boto3's default credentials", "secret": "generated once, kept in HOME/secret",
     "fetch_allow": "none", "tokenizer": "the checkpoint's own",
+    "lora_dir": "none: no LoRAs served", "lora_max_bytes": "2000000000 (2 GB)",
+    "lora_cache_bytes": "2147483648 (2 GiB)",
 }
 
 

@@ -2,6 +2,7 @@
 
 Every surface (the native route, the OpenAI routes) builds a `GenerateImageRequest` and calls `submit`, so
 the rules, the messages, billing, limits and idempotency are the same whichever way a request came in.
+LoRAs are checked (and downloaded) by `hidream.service.loras`, last, as the largest fetch.
 Everything the engine would refuse is refused here, before anything is stored: a request that is queued
 runs. Reference files are written before the task row (the worker reads them); a failure in between
 deletes them, and `Store.sweep_orphan_references` removes what a killed process left.
@@ -21,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from hidream.engine.errors import InvalidRequestError
 from hidream.engine.images import plan_references
 from hidream.rules import MAX_SEED, sampling_problem
-from hidream.service import schemas
+from hidream.service import loras, schemas
 from hidream.service.context import TERMINAL, ApiContext
 from hidream.service.errors import BadRequest, NotFound, Unavailable
 from hidream.service.fetch import (
@@ -133,6 +134,20 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
         shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
                       for u in body.reference_image_urls]
     width, height = output_size(body, width, height, references, reference_field)
+    # Last, as the largest fetch (a LoRA directory's names are checked before any download).
+    lora_set = await loras.resolve(body.loras, settings, ctx.policy, storage)
+    try:
+        return await run_in_threadpool(_persist, ctx, key_id, body, model, width, height, references, shown_urls,
+                                       idempotency, lora_set)
+    finally:
+        await run_in_threadpool(lora_set.discard)  # downloads that were not kept: the request failed
+
+
+def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, model: str, width: int, height: int,
+             references: list[Reference], shown_urls: list[str] | None, idempotency: tuple[str, str] | None,
+             lora_set: loras.LoraSet) -> dict[str, Any]:
+    """The task's input, then its files and its row (blocking); a failure removes the files again."""
+    settings, store, storage = ctx.settings, ctx.store, ctx.storage
     seed = body.seed if body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     mode = ("text-to-image", "edit")[len(references)] if len(references) < 2 else "personalization"
     task_id = secrets.token_hex(16)
@@ -141,26 +156,26 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     if body.timesteps is not None:
         steps = len(body.timesteps)
     unset = {name for name in schemas.EXTENSIONS if getattr(body, name) is None}  # stored only when given
-    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", *unset}) | {
+    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", *unset}) | {
         "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
         "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
         "num_inference_steps": body.num_inference_steps or steps,
         "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
-
-    def persist() -> dict[str, Any]:
-        try:
-            for key, (data, _) in zip(ref_keys, references, strict=True):
-                storage.put(key, data)
-            return store.insert_task(key_id, model, inp, ref_keys, settings.max_queue, task_id=task_id,
-                                     webhook_url=body.webhook_url, idempotency=idempotency, limits=ctx.limits)
-        except IdempotentReplay as replay:  # a concurrent request with the same key got there first
-            delete_all(storage, ref_keys)
-            return store.get_task(replay.task_id)
-        except BaseException:
-            delete_all(storage, ref_keys)  # a rejected request leaves nothing behind
-            raise
-
-    return await run_in_threadpool(persist)
+    if lora_set.loras:  # stored only when given, so other predictions look as they did
+        inp["loras"] = lora_set.echo()
+    try:
+        for key, (data, _) in zip(ref_keys, references, strict=True):
+            storage.put(key, data)
+        lora_set.keep()  # the downloads, where the worker finds them by sha256
+        return store.insert_task(key_id, model, inp, ref_keys, settings.max_queue, task_id=task_id,
+                                 webhook_url=body.webhook_url, idempotency=idempotency, limits=ctx.limits)
+    except IdempotentReplay as replay:  # a concurrent request with the same key got there first
+        delete_all(storage, ref_keys)  # (the LoRA downloads stay: that request's task may use them)
+        return store.get_task(replay.task_id)
+    except BaseException:
+        delete_all(storage, ref_keys)  # a rejected request leaves nothing behind
+        lora_set.undo()
+        raise
 
 
 def delete_all(storage: Any, keys: list[str]) -> None:

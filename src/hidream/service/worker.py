@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
+from hidream.service.loras import local_file
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage, discard_task_files
 from hidream.service.store import CANCELED, Store
@@ -96,17 +97,27 @@ class CancelRequested(Exception):
     pass
 
 
-def build_request(task: dict[str, Any], references: list[bytes]):
+def task_loras(task: dict[str, Any], settings: Settings, storage: Storage) -> list[tuple[str, Any]]:
+    """The task's LoRAs as (the path the request gave, a LoraSpec of this machine's file); LoraError naming
+    `loras[i].path` when a file is not here."""
+    from hidream.engine.lora import LoraSpec
+
+    return [(entry["path"], LoraSpec(local_file(entry, i, settings, storage), float(entry["scale"])))
+            for i, entry in enumerate(task["input"].get("loras", []))]
+
+
+def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any] | None = None):
     from hidream.engine.pipeline import GenerationRequest
 
     inp = task["input"]
+    lora_field = {"loras": loras} if loras else {}  # an engine that predates LoRAs runs the other tasks
     return GenerationRequest(
         prompt=inp["prompt"], width=inp["width"], height=inp["height"], references=references,
         keep_original_aspect=inp["keep_original_aspect"], steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
         # extensions, stored only when a request gave them (tasks queued before them have none)
         scheduler=inp.get("scheduler"), timesteps=inp.get("timesteps"), noise_scale=inp.get("noise_scale"),
-        noise_scale_end=inp.get("noise_scale_end"), noise_clip_std=inp.get("noise_clip_std"),
+        noise_scale_end=inp.get("noise_scale_end"), noise_clip_std=inp.get("noise_clip_std"), **lora_field,
     )
 
 
@@ -149,6 +160,9 @@ class Worker:
             self.load_error = f"{type(err).__name__}: {err}"
             self._to(WorkerState.STOPPED)
             return
+        cache = getattr(self.engine, "lora_cache", None)  # parsed LoRAs kept between tasks (an LRU)
+        if cache is not None:
+            cache.max_bytes = self.settings.lora_cache_bytes
         self._to(WorkerState.IDLE)
         models = list(self.settings.model_ids)
         log.info("worker %s: ready for %s", self.id, ", ".join(models))
@@ -301,12 +315,14 @@ class Worker:
                 raise CancelRequested
             return False
 
+        loras: list[tuple[str, Any]] = []
         try:
             references = [self.storage.get(key) for key in task["references"]]
+            loras = task_loras(task, self.settings, self.storage)
             started = time.perf_counter()
             try:
-                result = self.engine.generate(build_request(task, references), progress=progress,
-                                              should_cancel=should_cancel)
+                request = build_request(task, references, [spec for _, spec in loras])
+                result = self.engine.generate(request, progress=progress, should_cancel=should_cancel)
             finally:
                 reporter.shutdown(wait=True)  # the last progress is recorded before the outcome
             inference_ms = int((time.perf_counter() - started) * 1000)
@@ -341,6 +357,8 @@ class Worker:
             else:
                 if isinstance(err, HiDreamError):
                     message = str(err)
+                    for given, spec in loras:  # the request's names, not this machine's paths
+                        message = message.replace(str(spec.path), given)
                 else:
                     log.exception("task %s failed", tid)
                     message = f"the model failed on this request ({type(err).__name__}: {err})"

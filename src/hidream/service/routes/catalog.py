@@ -1,8 +1,8 @@
-"""What a key can ask about the service and itself: the served models, its usage, its webhook secret."""
+"""What a key can ask about the service and itself: the served models and LoRAs, its usage, its webhook secret."""
 
 from fastapi import APIRouter
 
-from hidream.service import schemas
+from hidream.service import loras, schemas
 from hidream.service.context import Ctx, Key, envelope
 from hidream.service.webhooks import key_secret
 from hidream.service.worker import ENGINE_FACTS, stale_after_s
@@ -29,6 +29,14 @@ def _worker(row: dict) -> dict:
     """A workers row as the models route lists it."""
     engine = row.get("engine") or {}
     return {"id": row["id"], "device": row["device"]} | {name: engine.get(name) for name in ENGINE_FACTS}
+
+
+@router.get("/api/v1/loras", response_model=schemas.LorasEnvelope, responses=UNAUTHORIZED)
+def list_loras(ctx: Ctx, key_id: Key):
+    """The LoRA files a request may name in `loras[i].path` (HIDREAM_LORA_DIR), by name: size, key format,
+    how many layers each changes, its ranks; a file that cannot be used is listed with its `error`. Empty
+    when the service serves no LoRA directory."""
+    return envelope(loras.listing(ctx.settings))
 
 
 @router.get("/api/v1/usage", response_model=schemas.UsageEnvelope, responses=UNAUTHORIZED)

@@ -12,6 +12,7 @@ native envelope.
 import base64
 import calendar
 import hashlib
+import json
 import logging
 import math
 import re
@@ -54,7 +55,7 @@ IGNORED = ("quality", "style", "user", "background", "moderation", "output_compr
            "safety_identifier", "partial_images")
 NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field, where they differ
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
-PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale")
+PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
 SQUARE = math.isqrt(MAX_AREA)
 SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
@@ -73,7 +74,7 @@ KINDS: dict[int, tuple[str, str]] = {
 }
 # The openai package retries 409 and 5xx by default; a retried POST here would queue the work again.
 NOT_RETRIED = (409, 500, 504)
-PARAM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?): ")
+PARAM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_]+)?): ")  # `n: `, `loras[0].path: `
 
 
 # --- the shapes (for /openapi.json; the field list doubles as the set of known names) ----------------------
@@ -100,6 +101,10 @@ class OpenAIImageParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE,
                                          description="extension: 1.0 to 20.0 (1.0: no guidance); default the recipe's")
     stream: Literal[False] | None = Field(None, description="only false: streaming is not supported")
+    loras: list[schemas.LoraRef] | None = Field(
+        None, max_length=schemas.MAX_LORAS,
+        description=f"extension: LoRAs for this request, [{{\"path\": NAME_OR_URL, \"scale\": 1.0}}, ...] "
+                    f"(GET /api/v1/loras lists the names); at most {schemas.MAX_LORAS}")
 
 
 KNOWN = frozenset(OpenAIImageParams.model_fields) | frozenset(IGNORED)
@@ -238,6 +243,12 @@ def form_value(name: str, value: str | UploadFile) -> Any:
             return value
     if name == "stream" and text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if name == "loras":  # a form field holds text: the array as JSON
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise BadRequest(f"loras: must be a JSON array of {{\"path\", \"scale\"}} objects "
+                             f"(got {value[:80]!r})") from None
     return value
 
 
@@ -322,7 +333,9 @@ def _params_schema(multipart: bool = False, **required: Any) -> dict[str, Any]:
 
     A multipart form cannot carry a null: there, an optional field is one left out, so null is not offered.
     """
-    schema = OpenAIImageParams.model_json_schema()
+    # LoraRef is a component already (GenerateImageRequest's, see app.openapi_schema)
+    schema = OpenAIImageParams.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
     if multipart:
         for prop in schema["properties"].values():
             kinds = [k for k in prop.pop("anyOf", []) if k != {"type": "null"}]
@@ -332,6 +345,9 @@ def _params_schema(multipart: bool = False, **required: Any) -> dict[str, Any]:
                 prop["anyOf"] = kinds
             if prop.get("default", "") is None:
                 del prop["default"]
+    if multipart:
+        schema["properties"]["loras"] = {"type": "string", "description": "extension: the loras array as JSON "
+                                         "text, e.g. [{\"path\": \"style.safetensors\", \"scale\": 0.8}]"}
     schema["properties"] |= {name: {"description": "accepted and ignored"} for name in IGNORED} | required
     schema["required"] = [*schema.get("required", []), *required]
     return schema
