@@ -1,4 +1,5 @@
-"""The `hidream` command: generate | submit | serve | worker | keys | status | demo-model | bench | convert."""
+"""The `hidream` command: generate | submit | serve | worker | keys | status | demo-model | bench | convert |
+train."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any, NoReturn
 from hidream.client import ApiError, Client, ClientError, InputError
 from hidream.engine.errors import CheckpointError, HiDreamError, InvalidRequestError
 from hidream.rules import (
-    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, MAX_REFERENCES, MAX_SEED, MAX_TIMESTEP, NOISE_DEFAULTS,
-    RANDOM_SEED, SCHEDULERS, SEED_RULE, STEPS_RULE, guidance_ok, images_ok, sampling_problem, seed_ok, steps_ok,
+    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, LORA_SCALE_RULE, LORAS_RULE, MAX_LORAS, MAX_REFERENCES,
+    MAX_SEED, MAX_TIMESTEP, NOISE_DEFAULTS, RANDOM_SEED, SCHEDULERS, SEED_RULE, STEPS_RULE, guidance_ok, images_ok,
+    lora_scale_ok, sampling_problem, seed_ok, steps_ok,
 )
 from hidream.service.errors import ServiceError
 from hidream.service.settings import (
@@ -36,11 +38,11 @@ ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance"
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
-                "noise_clip_std": "--noise-clip-std"}
+                "noise_clip_std": "--noise-clip-std", "loras": "--lora"}
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "output_format": "--format", "model": "--model",
-             "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key"}
+             "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
 
 def demo_checkpoint() -> Path:
@@ -106,6 +108,63 @@ def _timesteps(raw: str) -> list[int]:
                                          f"(got {raw!r})") from None
 
 
+def _lora(raw: str) -> tuple[str, float]:
+    """--lora FILE[:SCALE] -> (FILE, SCALE); SCALE 1.0 when absent. A ':' followed by anything but a number
+    is part of the path (`a:b.safetensors`, `https://host:8443/x.safetensors`)."""
+    head, sep, tail = raw.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail:
+        return raw, 1.0
+    if "://" in head and "/" not in head.split("://", 1)[1]:  # https://host:PORT, no path after the port
+        return raw, 1.0
+    if not tail:
+        raise argparse.ArgumentTypeError(f"{raw!r} ends in ':': give a scale after it (FILE:0.8) or leave it out")
+    try:
+        scale = float(tail)
+    except ValueError:
+        return raw, 1.0
+    if not head:
+        raise argparse.ArgumentTypeError(f"{raw!r} has no file before the ':' (FILE[:SCALE])")
+    return head, scale
+
+
+def check_lora_flags(loras: Sequence[tuple[str, float]]) -> None:
+    """--lora's count and scales, before a model loads or a request is sent."""
+    if len(loras) > MAX_LORAS:
+        raise InvalidRequestError("--lora", f"{LORAS_RULE} (got {len(loras)})")
+    for i, (path, scale) in enumerate(loras):
+        if not lora_scale_ok(scale):
+            raise InvalidRequestError(f"--lora[{i}]" if len(loras) > 1 else "--lora",
+                                      f"{path}: the scale {LORA_SCALE_RULE.removeprefix('must be ')} (got {scale:g})")
+
+
+def lora_specs(loras: Sequence[tuple[str, float]]) -> list[Any]:
+    """generate's --lora files as LoraSpecs, each checked (its header: no weight is read) before the model
+    loads; InvalidRequestError naming --lora (--lora[i] among several) otherwise."""
+    from hidream.engine.lora import LoraSpec, check_lora_file
+
+    specs = []
+    for i, (raw, scale) in enumerate(loras):
+        flag = f"--lora[{i}]" if len(loras) > 1 else "--lora"
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise InvalidRequestError(flag, f"cannot read {raw}: {'a directory' if path.is_dir() else 'no such file'}")
+        try:
+            check_lora_file(path)
+        except InvalidRequestError as err:
+            raise InvalidRequestError(flag, err.rule if raw in err.rule or path.name in err.rule
+                                      else f"{raw}: {err.rule}") from None
+        specs.append(LoraSpec(path, scale))
+    return specs
+
+
+def _loras_said(loras: Sequence[tuple[str, float]]) -> str:
+    """`, LoRA a.safetensors x0.8` for the line printed per image."""
+    if not loras:
+        return ""
+    said = ", ".join(f"{Path(path).name} x{scale:g}" for path, scale in loras)
+    return f", LoRA{'s' if len(loras) > 1 else ''} {said}"
+
+
 # --- the parser: one-line errors ---------------------------------------------------------------------------
 
 
@@ -129,7 +188,8 @@ class Parser(argparse.ArgumentParser):
                 choices = f" (one of {', '.join(action.choices)})" if action is not None and action.choices else ""
                 missing.append(f"missing {name}{choices}")
             said = "; ".join(missing)
-            return f"{self.prog.split()[-1]}: {said}" if " " in self.prog else said  # `keys: missing action`
+            # `keys: missing action`, `train lora: missing --data`
+            return f"{' '.join(self.prog.split()[1:])}: {said}" if " " in self.prog else said
         return message
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
@@ -265,6 +325,7 @@ def check_request_flags(args: argparse.Namespace) -> None:
         raise InvalidRequestError("--num-images", f"{IMAGES_RULE} (got {args.num_images})")
     if len(args.ref or []) > MAX_REFERENCES:
         raise InvalidRequestError("--ref", f"at most {MAX_REFERENCES} images (got {len(args.ref)})")
+    check_lora_flags(args.lora or [])
     if args.command == "generate":
         _dtype(args, note=False)
         _tokenizer(args)
@@ -284,8 +345,9 @@ def check_sampling_flags(args: argparse.Namespace, recipe_scheduler: str | None)
 
 
 def as_flag_error(field: str, rule: str, flags: dict[str, str], refs: Sequence[str]) -> InvalidRequestError:
-    """An engine's or the API's error on `field` (`steps`, `references[1]`, ...) as one on the CLI's flag."""
-    m = re.fullmatch(r"([^\[]+)\[(\d+)\]", field)
+    """An engine's or the API's error on `field` (`steps`, `references[1]`, `loras[0].path`, ...) as one on the
+    CLI's flag."""
+    m = re.fullmatch(r"([^\[]+)\[(\d+)\](?:\.\w+)?", field)
     base, index = (m.group(1), int(m.group(2))) if m else (field, None)
     flag = flags.get(base, field)
     if index is None:
@@ -320,6 +382,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
     refs = args.ref or []
     references = [load_image(path, f"--ref[{i}]") for i, path in enumerate(refs)]
+    loras = lora_specs(args.lora or [])  # their files' headers, before the model loads
     try:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
@@ -331,7 +394,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
             shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
-            noise_clip_std=args.noise_clip_std,
+            noise_clip_std=args.noise_clip_std, loras=loras,
         )
         engine.validate(request)
         with tqdm(total=1, unit="step", desc="generating", disable=args.quiet) as bar:
@@ -343,7 +406,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise InvalidRequestError("--model", str(err)) from None
     except InvalidRequestError as err:
-        raise as_flag_error(err.field, err.rule, ENGINE_FLAGS, refs) from None
+        named = [path for path, _ in args.lora or []] if err.field.startswith("loras") else refs
+        raise as_flag_error(err.field, err.rule, ENGINE_FLAGS, named) from None
     for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +415,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
         print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {engine.variant}/"
-              f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))})")
+              f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))}{_loras_said(args.lora or [])})")
     return 0
 
 
@@ -420,12 +484,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 model=args.model, image_size=args.size, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
                 num_images=args.num_images or 1, webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
+                loras=[{"path": path, "scale": scale} for path, scale in args.lora or []],
             )
         except ApiError as err:
             base = (err.field or "").split("[")[0]
             if base not in API_FLAGS:
                 raise
-            raise as_flag_error(err.field, _rule_of(err), API_FLAGS, refs) from None
+            named = [path for path, _ in args.lora or []] if base == "loras" else refs
+            raise as_flag_error(err.field, _rule_of(err), API_FLAGS, named) from None
         if args.no_wait:
             print(prediction.id)
             return 0
@@ -521,6 +587,52 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- train -------------------------------------------------------------------------------------------------
+
+
+def add_train_lora_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of `hidream train lora`, what hidream.train.run_lora reads (declared here, not by that
+    module: it imports torch, which every other command would then wait for)."""
+    p.add_argument("--model", metavar="CKPT", help=f"{CHECKPOINT_HELP} (default: $HIDREAM_MODEL, else the demo "
+                                                   "checkpoint, whose random weights only show the mechanics)")
+    p.add_argument("--data", metavar="DIR", required=True,
+                   help="images with same-named .txt captions, and edit pairs NAME.ref.png + NAME.png + NAME.txt")
+    p.add_argument("--output", metavar="FILE.safetensors", required=True, help="the LoRA file to write")
+    p.add_argument("--rank", type=INT, default=16, help="the LoRA's rank (default: 16)")
+    p.add_argument("--alpha", type=NUMBER, help="the LoRA's alpha: its update is scaled by alpha / rank "
+                                                "(default: the rank, so 1)")
+    p.add_argument("--targets", default="attn,mlp", metavar="PATTERN[,PATTERN]",
+                   help="the layers to train, a comma list: attn (the decoder's attention projections), mlp (its "
+                        "MLP projections), or fnmatch patterns over official module names such as "
+                        "'model.language_model.layers.*.mlp.*_proj' (default: attn,mlp)")
+    p.add_argument("--steps", type=INT, default=500, help="optimizer steps (default: 500)")
+    p.add_argument("--lr", type=NUMBER, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--batch", type=INT, default=1, help="examples per step (default: 1)")
+    p.add_argument("--resolution", type=INT, default=512,
+                   help="training images are fitted to about this many pixels per side (default: 512)")
+    p.add_argument("--seed", type=INT, default=0, help="seeds the LoRA's initial weights, the noise and the "
+                                                       "timesteps (default: 0)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="as generate's: bf16, bf16-fp32acc or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer in the backward pass: less memory, slower steps "
+                        "(default: on with CUDA)")
+    p.add_argument("--save-every", type=INT, default=100, metavar="N",
+                   help="a checkpoint every N steps, to --resume from (default: 100)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from one of its checkpoints")
+    p.add_argument("--sample-prompt", metavar="TEXT",
+                   help="the prompt of the sample image made at the end (default: the first caption)")
+    p.add_argument("--no-sample", action="store_true", help="make no sample image at the end")
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    _dtype(args, note=False)  # --precision checked as generate checks it (fp16 gets its reason)
+    from hidream.train import run_lora
+
+    return run_lora(args)
+
+
 # --- the service's commands --------------------------------------------------------------------------------
 
 _DATABASE = ("home", "database_url")
@@ -528,13 +640,13 @@ _ENGINE = ("model", "variant", "device", "dtype", "precision", "compile", "quant
 _STORAGE = ("storage_dir", "storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id",
             "s3_secret_access_key", "url_ttl_s")
 # The settings each command reads (its flags): `serve` all of them; `worker` its model, the database, the
-# storage and what a task's run reads (lease, attempts, price, previews), none of the HTTP side; `keys` and
+# storage and what a task's run reads (lease, attempts, price, previews, LoRAs), none of the HTTP side; `keys` and
 # `status` the database, plus the defaults `keys` shows (rate, concurrency) and the lease `status` judges
 # heartbeats by.
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "serve": tuple(name for name in PARSERS if name != "worker"),
     "worker": (*_DATABASE, *_ENGINE, "model_ids", *_STORAGE, "price_usd", "lease_s", "max_attempts",
-               "preview_every", "preview_size"),
+               "preview_every", "preview_size", "lora_dir", "lora_cache_bytes"),
     "keys": (*_DATABASE, "rate_per_minute", "max_concurrent"),
     "status": (*_DATABASE, "lease_s"),
 }
@@ -691,6 +803,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
+    g.add_argument("--lora", type=_lora, action="append", metavar="FILE[:SCALE]",
+                   help=f"apply a LoRA file (.safetensors with PEFT, kohya or LoKr keys) at SCALE, default 1.0 "
+                        f"({LORA_SCALE_RULE.removeprefix('must be ')}; negative subtracts it); repeat --lora for "
+                        f"several, at most {MAX_LORAS}")
     g.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from -o's extension, else png")
     g.add_argument("-o", "--output", default="output.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -703,6 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--ref or list several after one (a prompt after them needs -- before it)")
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
+    sm.add_argument("--lora", type=_lora, action="append", metavar="NAME[:SCALE]",
+                    help="a LoRA the service serves (a name GET /api/v1/loras lists, or an https URL where the "
+                         "service takes them) at SCALE, default 1.0; repeat --lora for several")
     sm.add_argument("--size", help=f"{SIZE_HELP} (default: the server's, {DEFAULT_SIZE})")
     sm.add_argument("--steps", type=INT, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
                                               "(default: the served recipe's)")
@@ -794,6 +913,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "HIDREAM_MODEL load either.")
     add_convert_args(c)
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="train an adapter on your own images: hidream train lora ...",
+                       description="Train an adapter of the model on a folder of images and captions.")
+    what = t.add_subparsers(dest="train_command", required=True, metavar="what")
+    tl = what.add_parser("lora", help="train a LoRA (a PEFT .safetensors file that --lora and the API apply)",
+                         description="Train a LoRA on DIR: images with same-named .txt captions (text-to-image), "
+                                     "and edit pairs NAME.ref.png + NAME.png + NAME.txt (several references: "
+                                     "NAME.ref1.png, NAME.ref2.png, ...). Writes a PEFT-style .safetensors file "
+                                     "with the model's official module names.")
+    add_train_lora_args(tl)
+    tl.set_defaults(func=cmd_train_lora)
     return parser
 
 

@@ -102,7 +102,7 @@ WEBHOOK_ATTEMPT_HEADER = "HiDream-Webhook-Attempt"
 _GENERATE = "/api/v1/model/generateImage"
 _UPLOAD = "/api/v1/model/uploadMedia"
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-_FIELD = re.compile(r"^([A-Za-z_][\w.-]*(?:\[\d+\])*): ")
+_FIELD = re.compile(r"^([A-Za-z_][\w.-]*(?:\[\d+\](?:\.[A-Za-z_]\w*)?)*): ")  # `seed: `, `loras[0].path: `
 _MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is raised to the caller rather than slept through
 _STREAM_READ_TIMEOUT_S = 30.0  # the server sends a keep-alive comment every ~15 s
 
@@ -390,6 +390,8 @@ class SubmitOptions(TypedDict, total=False):
     - ``output_format``: ``"png"``, ``"jpeg"`` or ``"webp"``. ``num_images``: 1 to 4 (image i uses seed + i).
     - ``base64_output``: outputs as ``data:`` URIs instead of URLs.
     - ``webhook_url``: POST the final prediction there, signed (see :func:`verify_webhook`).
+    - ``loras``: LoRAs for this request: names ``GET /api/v1/loras`` lists (or https URLs where the service takes
+      them), each a name, a ``(name, scale)`` pair or a ``{"path": name, "scale": scale}`` dict (scale 1.0 if absent).
     - ``idempotency_key``: your own Idempotency-Key (default: a fresh UUID per call).
     - ``wait``: wait for the end (:meth:`Client.wait` with ``progress``) before returning.
     - ``progress``: with ``wait``: True for a progress bar on stderr, False for none, or a callable.
@@ -404,6 +406,7 @@ class SubmitOptions(TypedDict, total=False):
     num_images: int
     base64_output: bool
     webhook_url: str | None
+    loras: Sequence[str | tuple[str, float] | Mapping[str, Any]]
     idempotency_key: str | None
     wait: bool
     progress: bool | Callable[[ProgressEvent], None]
@@ -994,4 +997,16 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
         body["keep_original_aspect"] = True
     if options.get("base64_output"):
         body["enable_base64_output"] = True
+    if options.get("loras"):
+        body["loras"] = [_lora_entry(item) for item in options["loras"]]
     return body
+
+
+def _lora_entry(item: str | tuple[str, float] | Mapping[str, Any]) -> dict[str, Any]:
+    """One of `loras` as the API takes it: {"path": ..., "scale": ...}."""
+    if isinstance(item, str):
+        return {"path": item}
+    if isinstance(item, Mapping):
+        return dict(item)
+    path, scale = item
+    return {"path": path, "scale": scale}

@@ -102,7 +102,7 @@ def task_loras(task: dict[str, Any], settings: Settings, storage: Storage) -> li
     `loras[i].path` when a file is not here."""
     from hidream.engine.lora import LoraSpec
 
-    return [(entry["path"], LoraSpec(local_file(entry, i, settings, storage), float(entry["scale"])))
+    return [(entry["path"], LoraSpec(local_file(entry, i, settings, storage), float(entry.get("scale", 1.0))))
             for i, entry in enumerate(task["input"].get("loras", []))]
 
 
