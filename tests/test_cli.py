@@ -679,3 +679,211 @@ def test_convert_then_generate_and_serve_from_the_single_file(tmp_path: Path, de
         worker.stop()
         thread.join(10)
         store.close()
+
+
+# --- LoRAs: generate --lora, submit --lora, train lora ------------------------------------------------------
+
+LORA_MODULE = "model.language_model.layers.0.mlp.down_proj"  # the demo model's: [64, 128]
+
+
+def lora_file(path: Path, seed: int = 0, key: str = LORA_MODULE) -> Path:
+    """A PEFT LoRA (rank 2) for the demo model."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 128, generator=gen) * 0.5,
+               f"{key}.lora_B.weight": torch.randn(64, 2, generator=gen) * 0.5}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    ("a.safetensors", ("a.safetensors", 1.0)),
+    ("a.safetensors:0.5", ("a.safetensors", 0.5)),
+    ("a.safetensors:-2", ("a.safetensors", -2.0)),
+    ("dir/a.safetensors:1e-1", ("dir/a.safetensors", 0.1)),
+    ("odd:name.safetensors", ("odd:name.safetensors", 1.0)),  # a ':' before a non-number is the path's
+    ("odd:dir/a.safetensors", ("odd:dir/a.safetensors", 1.0)),
+    ("https://host:8443/a.safetensors", ("https://host:8443/a.safetensors", 1.0)),
+    ("https://host:8443/a.safetensors:0.8", ("https://host:8443/a.safetensors", 0.8)),
+    ("https://host:8443", ("https://host:8443", 1.0)),
+])
+def test_lora_flags_parse_file_and_scale(raw: str, parsed: tuple[str, float]) -> None:
+    from hidream.cli import _lora
+
+    assert _lora(raw) == parsed
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--lora", "a.safetensors:"], "error: --lora: 'a.safetensors:' ends in ':'"),
+    (["--lora", ":0.5"], "error: --lora: ':0.5' has no file before the ':'"),
+])
+def test_lora_flag_syntax_errors_are_one_line(capsys, args: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a cat", *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(says)
+
+
+def test_generate_applies_loras_with_their_scales(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from hidream.engine.lora import LoraSpec
+    from hidream.engine.pipeline import Engine
+
+    a, b = lora_file(tmp_path / "a.safetensors"), lora_file(tmp_path / "b.safetensors", seed=1)
+    common = [*FAST, "--seed", "3", "--device", "cpu"]
+    generate(capsys, demo_checkpoint, tmp_path / "none.png", *common)
+    out = generate(capsys, demo_checkpoint, tmp_path / "a.png", *common, "--lora", f"{a}:1.5")
+    assert "LoRA a.safetensors x1.5" in out
+    generate(capsys, demo_checkpoint, tmp_path / "zero.png", *common, "--lora", f"{a}:0")
+    assert pixels(tmp_path / "a.png") != pixels(tmp_path / "none.png")
+    assert pixels(tmp_path / "zero.png") == pixels(tmp_path / "none.png")  # scale 0: no LoRA, bit for bit
+
+    seen = []
+    real = Engine.generate
+
+    def spy(self, request, *args, **kwargs):
+        seen.append(list(request.loras))
+        return real(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    out = generate(capsys, demo_checkpoint, tmp_path / "ab.png", *common, "--lora", str(a), "--lora", f"{b}:-0.5")
+    assert seen == [[LoraSpec(a, 1.0), LoraSpec(b, -0.5)]]
+    assert "LoRAs a.safetensors x1, b.safetensors x-0.5" in out
+
+
+def test_generate_lora_errors_name_the_flag_before_loading(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from hidream.engine.pipeline import Engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    good = lora_file(tmp_path / "good.safetensors")
+    other = lora_file(tmp_path / "other.safetensors", key="model.language_model.layers.0.mlp.nothing")
+    save_file({"model.language_model.norm.weight": torch.ones(64)}, str(tmp_path / "weights.safetensors"))
+    cases = [
+        (["--lora", str(tmp_path / "missing.safetensors")], ["error: --lora: cannot read", "no such file"]),
+        (["--lora", str(tmp_path)], ["error: --lora: cannot read", "a directory"]),
+        (["--lora", str(tmp_path / "weights.safetensors")], ["error: --lora: ", "model.language_model.norm.weight",
+                                                             "not a LoRA key"]),
+        (["--lora", str(good), "--lora", str(other)], ["error: --lora[1]: ", "mlp.nothing", "matches no layer"]),
+        (["--lora", f"{good}:10.5"], ["error: --lora: ", "from -10 to 10 (got 10.5)"]),
+        (["--lora", f"{good}:nan"], ["error: --lora: ", "finite"]),
+        (["--lora", str(good)] * 9, ["error: --lora: at most 8 LoRAs", "(got 9)"]),
+    ]
+    for flags, fragments in cases:
+        code, out, err = run_cli(capsys, "generate", "a cat", "--model", demo_checkpoint, *FAST, "-o",
+                                 tmp_path / "x.png", *flags)
+        assert code == 2, (flags, err)
+        for fragment in fragments:
+            assert fragment in err, (flags, fragment, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+    import json
+
+    import httpx
+
+    import hidream.cli as cli
+    from hidream.client import Client
+
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if any(lora["path"] == "gone.safetensors" for lora in body.get("loras", [])):
+            return httpx.Response(400, json={"code": 400, "data": None, "message":
+                                             "loras[1].path: gone.safetensors is not in the LoRA directory"})
+        return httpx.Response(200, json={"code": 200, "message": "success",
+                                         "data": {"id": "p1", "model": "hidream-o1-image", "status": "created"}})
+
+    monkeypatch.setattr(cli, "Client", functools.partial(Client, transport=httpx.MockTransport(handler)))
+    base = ["submit", "a cat", "--api-key", "hd-x", "--base-url", "http://127.0.0.1:9", "--no-wait"]
+    code, out, err = run_cli(capsys, *base, "--lora", "style.safetensors:0.7", "--lora",
+                             "https://host.test/x.safetensors")
+    assert code == 0 and out.strip() == "p1", err
+    assert bodies[-1]["loras"] == [{"path": "style.safetensors", "scale": 0.7},
+                                   {"path": "https://host.test/x.safetensors", "scale": 1.0}]
+    code, out, err = run_cli(capsys, *base)
+    assert code == 0 and "loras" not in bodies[-1]
+    code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
+    assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
+    sent = len(bodies)
+    code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors:11")
+    assert code == 2 and err.startswith("error: --lora: a.safetensors: the scale"), err
+    assert len(bodies) == sent  # checked before anything is sent
+
+
+TRAIN_DEFAULTS = {"model": None, "rank": 16, "alpha": None, "targets": "attn,mlp", "steps": 500, "lr": 1e-4,
+                  "batch": 1, "resolution": 512, "seed": 0, "device": None, "precision": None,
+                  "gradient_checkpointing": None, "save_every": 100, "resume": None, "sample_prompt": None,
+                  "no_sample": False}
+
+
+@pytest.fixture
+def run_lora_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    import hidream.train
+
+    calls: list = []
+
+    def fake(args) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(hidream.train, "run_lora", fake)
+    return calls
+
+
+def test_train_lora_passes_its_arguments_to_hidream_train(capsys, run_lora_calls: list) -> None:
+    code, _, err = run_cli(capsys, "train", "lora", "--data", "imgs", "--output", "me.safetensors")
+    assert code == 0, err
+    (args,) = run_lora_calls
+    assert (args.data, args.output) == ("imgs", "me.safetensors")
+    assert {name: getattr(args, name) for name in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    code, _, err = run_cli(capsys, "train", "lora", "--model", "ckpt", "--data", "d", "--output", "o.safetensors",
+                           "--rank", "4", "--alpha", "8", "--targets", "model.language_model.layers.*.mlp.*_proj",
+                           "--steps", "100", "--lr", "5e-4", "--batch", "2", "--resolution", "256", "--seed", "7",
+                           "--device", "cpu", "--precision", "fp32", "--no-gradient-checkpointing",
+                           "--save-every", "25", "--resume", "o.checkpoints/step-50", "--sample-prompt", "a cat",
+                           "--no-sample")
+    assert code == 0, err
+    args = run_lora_calls[-1]
+    assert {name: getattr(args, name) for name in TRAIN_DEFAULTS} == {
+        "model": "ckpt", "rank": 4, "alpha": 8.0, "targets": "model.language_model.layers.*.mlp.*_proj",
+        "steps": 100, "lr": 5e-4, "batch": 2, "resolution": 256, "seed": 7, "device": "cpu", "precision": "fp32",
+        "gradient_checkpointing": False, "save_every": 25, "resume": "o.checkpoints/step-50",
+        "sample_prompt": "a cat", "no_sample": True}
+    run_cli(capsys, "train", "lora", "--data", "d", "--output", "o.safetensors", "--gradient-checkpointing")
+    assert run_lora_calls[-1].gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["train"], "error: train: missing what (one of lora)"),
+    (["train", "lora", "--output", "o.safetensors"], "error: train lora: missing --data"),
+    (["train", "lora", "--data", "d"], "error: train lora: missing --output"),
+    (["train", "lora", "--data", "d", "--output", "o.safetensors", "--rank", "big"],
+     "error: --rank: must be an integer (got 'big')"),
+    (["train", "lora", "--data", "d", "--output", "o.safetensors", "--lr", "fast"],
+     "error: --lr: must be a number (got 'fast')"),
+])
+def test_train_lora_argument_errors_are_one_line(capsys, run_lora_calls: list, args: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(says)
+    assert run_lora_calls == []
+
+
+def test_train_lora_refuses_fp16_as_generate_does(capsys, run_lora_calls: list) -> None:
+    code, _, err = run_cli(capsys, "train", "lora", "--data", "d", "--output", "o.safetensors", "--precision", "fp16")
+    assert code == 2 and err.startswith("error: --precision: fp16 is not supported"), err
+    assert run_lora_calls == []
