@@ -32,7 +32,7 @@ CAPTION = "a yellow circle and a red square on blue"
 INSTRUCTION = "make the background green"
 # The demo model's pixel head is small and random: the LoRA needs it among its targets to draw anything.
 TARGETS = "attn,mlp,model.final_layer2.linear"
-FAST = dict(rank=16, lr=1e-2, resolution=SIZE, targets=TARGETS, progress=False)
+FAST = dict(rank=16, lr=1e-2, resolution=SIZE, targets=TARGETS, caption_dropout=0.2, progress=False)
 GEN_STEPS = 10
 
 
