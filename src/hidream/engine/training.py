@@ -15,6 +15,10 @@ The model predicts x0, and the loss is on x0 unweighted (musubi-tuner's HiDream-
 uniform timesteps the technical report gives for post-training). A velocity loss on the same prediction
 (DiffSynth-Studio, ai-toolkit) is this loss weighted by 1 / sigma**2, which with noise 8x the image's
 scale puts nearly all the weight on the last few percent of the schedule.
+
+Caption dropout (off unless asked, as in those trainers' HiDream-O1 examples): with probability p a draw
+uses the guidance's unconditional prompt " " (the references kept) instead of the caption, so the branch
+classifier-free guidance subtracts learns the LoRA's change too. There is no guidance in training.
 """
 
 from __future__ import annotations
