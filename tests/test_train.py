@@ -153,6 +153,14 @@ def test_resume_continues_the_loss_curve(engine, tmp_path):
         train_lora(engine, data, tmp_path / "other.safetensors", steps=6, sample=False, resume=states,
                    **{**FAST, "rank": 8})
     assert err.value.field == "rank"
+    other = folder(tmp_path, {"c.png": shapes(BLUE), "c.txt": CAPTION}, "other")
+    with pytest.raises(InvalidRequestError, match="other examples") as err:
+        train_lora(engine, other, tmp_path / "other.safetensors", steps=6, batch=2, sample=False, resume=states,
+                   **FAST)
+    assert err.value.field == "data"
+    with pytest.raises(InvalidRequestError, match="does not exist") as err:
+        train_lora(engine, data, tmp_path / "other.safetensors", resume=tmp_path / "nothing.pt", **FAST)
+    assert err.value.field == "resume"
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(engine, tmp_path):

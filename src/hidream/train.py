@@ -21,11 +21,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
 from hidream.engine.images import load_image, plan_references
@@ -120,9 +121,8 @@ def read_caption(path: Path) -> str:
     return text
 
 
-def load_item(item: Item):
+def load_item(item: Item) -> tuple[str, Image.Image, list[Image.Image]]:
     """(caption, image, references) of an item, decoded; errors name the file."""
-    from PIL import Image
 
     def image(path: Path) -> Image.Image:
         try:
@@ -191,6 +191,8 @@ def example_order(seed: int, count: int, epoch: int) -> list[int]:
 
 @dataclass
 class TrainResult:
+    """What a run wrote and how it went."""
+
     output: Path
     steps: int  # the step the LoRA stands at
     losses: list[float]  # one per step, from step 1 (a resumed run's include the checkpoint's)
@@ -198,7 +200,6 @@ class TrainResult:
     checkpoints: Path
     sample: Path | None = None
     trainable_parameters: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 MAX_GRAD_NORM = 1.0
@@ -255,8 +256,13 @@ def load_state(path: Path) -> dict:
 def _check_resumable(state: dict, path: Path, settings: dict) -> None:
     """A resumed run continues the same curve only with the settings the state was trained with."""
     for key, value in settings.items():
-        if state["settings"].get(key) != value:
-            raise InvalidRequestError(key, f"{path.name} was trained with {key} {state['settings'].get(key)!r}, "
+        then = state["settings"].get(key)
+        if key == "data" and then != value:
+            raise InvalidRequestError("data", f"{path.name} was trained on other examples ({len(then)} then, "
+                                              f"{len(value)} now, or other names): resuming continues a run only "
+                                              "on its own data")
+        if then != value:
+            raise InvalidRequestError(key, f"{path.name} was trained with {key} {then!r}, "
                                            f"not {value!r}: resuming continues a run only with its own settings")
 
 
