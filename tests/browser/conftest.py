@@ -41,13 +41,30 @@ def browser(chromium_path: Path):
             b.close()
 
 
+def write_loras(directory: Path) -> Path:
+    """The LoRA directory of `server`: two LoRAs for the demo model (PEFT keys), and a file that is none."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for name, module in (("style", "model.language_model.layers.0.mlp.down_proj"),
+                         ("sharp", "model.language_model.layers.1.mlp.down_proj")):
+        save_file({f"{module}.lora_A.weight": torch.randn(4, 128, generator=gen) * 0.3,
+                   f"{module}.lora_B.weight": torch.randn(64, 4, generator=gen) * 0.3},
+                  str(directory / f"{name}.safetensors"))
+    save_file({"model.language_model.norm.weight": torch.ones(64)}, str(directory / "broken.safetensors"))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
-    """`hidream serve` (API and in-process worker) for all the browser tests; a preview every 2 steps."""
+    """`hidream serve` (API and in-process worker) for all the browser tests; a preview every 2 steps; two
+    LoRAs served (and a broken file the picker leaves out)."""
     home = tmp_path_factory.mktemp("browser-home")
     procs = su.Processes(home.parent / (home.name + "-logs"))
     try:
-        env = su.service_env(home, demo_checkpoint, preview_every=2)
+        env = su.service_env(home, demo_checkpoint, preview_every=2, lora_dir=write_loras(home / "loras"))
         yield Server(procs.serve(env), env)
     finally:
         procs.stop_all()

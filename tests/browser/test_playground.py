@@ -500,3 +500,46 @@ def test_demo_checkpoint_preselects_a_small_size_and_says_so(page: Page, demo_se
     [pred] = predictions(demo_server, key)
     assert pred["status"] == "completed", pred
     assert pred["input"]["num_inference_steps"] == params["num_inference_steps"]["default"], pred["input"]
+
+
+def test_the_lora_picker_sends_each_rows_file_and_scale(page: Page, server: Server, key: str,
+                                                        screenshots: Path) -> None:
+    """The server serves LoRAs: rows of a file and a scale go out as `loras`, come back in the prediction's
+    input, and a bad scale's error shows at its row. With none served, there is no picker."""
+    sign_in(page, server, key)
+    expect(page.locator("#lora-field")).to_be_visible()
+    page.get_by_role("button", name="Add a LoRA").click()
+    first = page.get_by_label("LoRA 1", exact=True)
+    # the broken file is listed by the route with its error, and left out of the picker
+    assert first.locator("option").evaluate_all("os => os.map(o => o.value)") == ["sharp.safetensors",
+                                                                                  "style.safetensors"]
+    first.select_option("style.safetensors")
+    page.get_by_label("Scale 1", exact=True).fill("0.75")
+    page.get_by_role("button", name="Add another LoRA").click()
+    page.get_by_label("LoRA 2", exact=True).select_option("sharp.safetensors")
+    page.get_by_label("Scale 2", exact=True).fill("-0.5")
+    page.get_by_role("button", name="Add another LoRA").click()
+    page.get_by_role("button", name="Remove LoRA 3").click()
+    expect(page.get_by_label("LoRA 3", exact=True)).to_have_count(0)
+    assert accessibility_problems(page) == []
+    small_run(page, "a lighthouse with two LoRAs")
+    generate(page)
+    wait_result(page)
+    [pred] = predictions(server, key)
+    assert pred["status"] == "completed", pred
+    assert pred["input"]["loras"] == [{"path": "style.safetensors", "scale": 0.75},
+                                      {"path": "sharp.safetensors", "scale": -0.5}], pred["input"]
+    expect(page.locator("#result-meta")).to_contain_text("style.safetensors ×0.75, sharp.safetensors ×-0.5")
+    page.screenshot(path=screenshots / "loras-desktop.png", full_page=True)
+
+    page.get_by_label("Scale 2", exact=True).fill("11")
+    generate(page)
+    expect(page.locator("#lora-error")).to_contain_text("loras[1].scale: must be a finite number from -10 to 10")
+    expect(page.get_by_label("Scale 2", exact=True)).to_have_attribute("aria-invalid", "true")
+    assert len(predictions(server, key)) == 1  # refused: nothing queued
+
+    page.route("**/api/v1/loras", lambda route: route.fulfill(
+        json={"code": 200, "message": "success", "data": []}))
+    page.reload()
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#lora-field")).to_be_hidden()

@@ -14,11 +14,11 @@ export class ApiError extends Error {
 
 /**
  * The request field an error message names: "num_inference_steps: must be ..." -> "num_inference_steps",
- * "reference_image_urls[1]: ..." -> "reference_image_urls[1]". Messages that do not start with a field
- * name ("rate limit: ...", "invalid or revoked API key") name none.
+ * "reference_image_urls[1]: ..." -> "reference_image_urls[1]", "loras[0].scale: ..." -> "loras[0].scale".
+ * Messages that do not start with a field name ("rate limit: ...", "invalid or revoked API key") name none.
  */
 export function fieldOf(message) {
-  const m = /^([a-z_]+(?:\[\d+\])?): /.exec(message || "");
+  const m = /^([a-z_]+(?:\[\d+\](?:\.[a-z_]+)?)?): /.exec(message || "");
   return m ? m[1] : "";
 }
 
@@ -70,6 +70,10 @@ export class Api {
 
   usage() {
     return this.request("GET", "/api/v1/usage");
+  }
+
+  loras() {
+    return this.request("GET", "/api/v1/loras");
   }
 
   predictions(limit, cursor) {

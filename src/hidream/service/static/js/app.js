@@ -26,6 +26,7 @@ const FIELDS = {
   keep_original_aspect: ["keep-aspect", "keep-aspect-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
+  loras: ["lora-add", "lora-error"],
 };
 
 const api = new Api();
@@ -41,8 +42,11 @@ const state = {
   run: null, // {id, abort, first: {step, t}}
   historyCursor: null,
   formReady: false,
+  loras: [], // the LoRA files this service serves (GET /api/v1/loras), those that can be used
+  loraRows: [], // the picker's rows: {id, name, scale (the input's text)}
 };
 let refCounter = 0;
+let loraCounter = 0;
 
 // --- small helpers -------------------------------------------------------------------------------------
 
@@ -134,6 +138,7 @@ function clearErrors() {
   for (const id of ["height", "api-key"]) $(id).removeAttribute("aria-invalid");
   $("form-error").textContent = "";
   for (const li of $("refs").children) li.classList.remove("invalid");
+  clearLoraErrors();
 }
 
 function clearFieldError(control) {
@@ -148,8 +153,9 @@ function clearFieldError(control) {
 
 /** Shows `message` next to the control of the field it names (else above the button); true if it named one. */
 function showError(message, field = "") {
-  const base = field.replace(/\[\d+\]$/, "");
+  const base = field.replace(/\[\d+\](?:\.[a-z_]+)?$/, "");
   const entry = FIELDS[base];
+  if (base === "loras") return showLoraError(message, field);
   if (!entry) {
     $("form-error").textContent = message;
     return false;
@@ -230,6 +236,7 @@ async function useKey(key, { fromStorage = false } = {}) {
   $("key-tail").textContent = `…${key.slice(-4)}`;
   $("app").hidden = false;
   if (!state.formReady) buildForm();
+  loadLoras();
   refreshUsage();
   loadHistory(true);
   if (!fromStorage) {
@@ -468,6 +475,115 @@ function setMode(mode) {
   renderRefs();
 }
 
+// --- LoRAs: a picker of the served files, each row a file and its scale ---------------------------------
+
+async function loadLoras() {
+  let files = [];
+  try {
+    files = await api.loras();
+  } catch (err) {
+    if (err.status === 401) {
+      handleApiError(err);
+      return;
+    }
+    // a server without the route, or one that could not list them now: no picker
+  }
+  state.loras = (Array.isArray(files) ? files : []).filter((f) => !f.error);
+  state.loraRows = state.loraRows.filter((row) => state.loras.some((f) => f.name === row.name));
+  $("lora-field").hidden = state.loras.length === 0;
+  renderLoras();
+}
+
+const loraLimit = () => state.params?.loras?.max_items ?? 8;
+const scaleSpec = () => state.params?.loras?.items?.scale ?? { minimum: -10, maximum: 10 };
+
+function loraLabel(file) {
+  const ranks = file.ranks?.length ? `, rank ${file.ranks.join("/")}` : "";
+  return `${file.name.replace(/\.safetensors$/, "")} (${file.format}${ranks})`;
+}
+
+function addLora(name = state.loras[0]?.name, scale = 1) {
+  if (!name || state.loraRows.length >= loraLimit()) return;
+  state.loraRows.push({ id: ++loraCounter, name, scale: String(scale) });
+  clearLoraErrors();
+  renderLoras();
+}
+
+function removeLora(index) {
+  state.loraRows.splice(index, 1);
+  clearLoraErrors();
+  renderLoras();
+  announce("LoRA removed.");
+  const rows = $("lora-rows").children;
+  (rows[Math.min(index, rows.length - 1)]?.querySelector(".lora-remove") || $("lora-add")).focus();
+}
+
+function renderLoras() {
+  const list = $("lora-rows");
+  list.replaceChildren();
+  const { minimum, maximum } = scaleSpec();
+  state.loraRows.forEach((row, i) => {
+    const n = i + 1;
+    const fileId = `lora-file-${row.id}`;
+    const scaleId = `lora-scale-${row.id}`;
+    const select = el("select", { id: fileId, class: "lora-file", "aria-describedby": "lora-error" });
+    for (const f of state.loras) select.append(el("option", { value: f.name, text: loraLabel(f) }));
+    select.value = row.name;
+    select.addEventListener("change", () => { row.name = select.value; clearLoraErrors(); });
+    const scale = el("input", {
+      id: scaleId, class: "lora-scale", type: "number", inputmode: "decimal", min: minimum, max: maximum,
+      step: 0.05, value: row.scale, "aria-describedby": "lora-hint lora-error",
+    });
+    scale.addEventListener("input", () => { row.scale = scale.value; clearLoraErrors(); });
+    list.append(el("li", { class: "lora-row" },
+      el("div", { class: "field" }, el("label", { for: fileId, text: `LoRA ${n}` }), select),
+      el("div", { class: "field" }, el("label", { for: scaleId, text: `Scale ${n}` }), scale),
+      el("button", {
+        type: "button", class: "icon lora-remove", "aria-label": `Remove LoRA ${n}`, text: "×",
+        onclick: () => removeLora(i),
+      })));
+  });
+  const full = state.loraRows.length >= loraLimit();
+  $("lora-add").disabled = full;
+  $("lora-add").textContent = full ? `At most ${loraLimit()} LoRAs`
+    : state.loraRows.length ? "Add another LoRA" : "Add a LoRA";
+}
+
+function clearLoraErrors() {
+  $("lora-error").textContent = "";
+  $("lora-add").removeAttribute("aria-invalid");
+  for (const node of $("lora-rows").querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
+}
+
+/** An error naming `loras` or `loras[i].path|scale`, at that row's control; true if it named one. */
+function showLoraError(message, field) {
+  if ($("lora-field").hidden) {
+    $("form-error").textContent = message;
+    return false;
+  }
+  $("lora-error").textContent = message;
+  const m = /^loras\[(\d+)\](?:\.([a-z_]+))?$/.exec(field);
+  const row = m ? $("lora-rows").children[Number(m[1])] : null;
+  const control = row?.querySelector(m[2] === "scale" ? ".lora-scale" : ".lora-file") || $("lora-add");
+  control.setAttribute("aria-invalid", "true");
+  if (!control.disabled) control.focus({ preventScroll: false });
+  control.scrollIntoView({ block: "center", behavior: "smooth" });
+  return true;
+}
+
+/** The picker's rows as the request's `loras` (none when the service serves no LoRAs). */
+function loraBody() {
+  if ($("lora-field").hidden) return [];
+  const { minimum, maximum } = scaleSpec();
+  return state.loraRows.map((row, i) => {
+    const input = $(`lora-scale-${row.id}`);
+    if (input.validity.badInput || input.value.trim() === "") {
+      throw new ClientError(`loras[${i}].scale`, `must be a number from ${minimum} to ${maximum}`);
+    }
+    return { path: row.name, scale: Number(input.value) };
+  });
+}
+
 // --- references ----------------------------------------------------------------------------------------
 
 function refsLimit() {
@@ -691,6 +807,8 @@ function requestBody() {
     body.reference_image_urls = state.refs.map((r) => r.url);
     if (count === 1) body.keep_original_aspect = $("keep-aspect").checked;
   }
+  const loras = loraBody();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -919,6 +1037,7 @@ function renderMeta(pred) {
     ["Guidance", inp.guidance_scale],
     ["Seed", inp.seed],
     ["Format", inp.output_format?.toUpperCase()],
+    ["LoRAs", (inp.loras || []).map((l) => `${l.path.split("/").pop()} ×${l.scale}`).join(", ")],
     ["Model time", pred.timings?.inference != null ? `${(pred.timings.inference / 1000).toFixed(1)} s` : null],
     ["Status", pred.status === "failed" && pred.error === "canceled" ? "canceled" : pred.status],
   ];
@@ -1000,7 +1119,9 @@ function historyCard(pred) {
     ? el("img", { src: local(pred.outputs[0]), alt: "", loading: "lazy" })
     : el("span", { class: `thumb-status ${status}`, "aria-hidden": "true", text: status });
   const facts = [MODE_NAMES[inp.mode] || inp.mode, inp.width && `${inp.width}×${inp.height}`,
-    inp.num_images > 1 ? `${inp.num_images} images` : null, status, ago(pred.created_at)].filter(Boolean);
+    inp.num_images > 1 ? `${inp.num_images} images` : null,
+    inp.loras?.length ? `${inp.loras.length} LoRA${inp.loras.length > 1 ? "s" : ""}` : null,
+    status, ago(pred.created_at)].filter(Boolean);
   const id = `card-${pred.id}`;
   return el("li", { class: "card", "data-id": pred.id },
     el("button", {
@@ -1055,6 +1176,14 @@ async function reopen(pred) {
   }
   setMode(inp.mode && MODE_NAMES[inp.mode] ? inp.mode : "text-to-image");
   $("keep-aspect").checked = Boolean(inp.keep_original_aspect);
+  const served = (inp.loras || []).filter((l) => state.loras.some((f) => f.name === l.path));
+  state.loraRows = served.map((l) => ({ id: ++loraCounter, name: l.path, scale: String(l.scale) }));
+  renderLoras();
+  const missing = (inp.loras || []).length - served.length;
+  if (missing && !$("lora-field").hidden) {
+    $("lora-error").textContent = `${missing} LoRA${missing > 1 ? "s" : ""} of that request ${missing > 1 ? "are" : "is"} `
+      + "not in this service's list (a URL, or a file since removed): add them again.";
+  }
   updateSize();
   updateCost();
   if (skipped) {
@@ -1096,6 +1225,11 @@ function start() {
     announce("The saved key was removed from this browser.");
   });
   $("gen-form").addEventListener("submit", submit);
+  $("lora-add").addEventListener("click", () => {
+    addLora();
+    const rows = $("lora-rows").children;
+    rows[rows.length - 1]?.querySelector(".lora-file")?.focus();
+  });
   $("cancel").addEventListener("click", cancelRun);
   $("use-reference").addEventListener("click", useAsReference);
   $("history-refresh").addEventListener("click", () => loadHistory(true));
