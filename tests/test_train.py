@@ -228,6 +228,17 @@ def test_bad_options_are_refused(engine, tmp_path):
     assert "step_layer" not in engine.model.__dict__
 
 
+@pytest.mark.parametrize("options, field", [({"quantize": "fp8"}, "model"), ({"offload": "layers"}, "offload")])
+def test_training_needs_plain_resident_weights(demo_checkpoint, tmp_path, options, field):
+    from hidream.engine.pipeline import Engine
+
+    engine = Engine.load(demo_checkpoint, device="cpu", **options)
+    data = folder(tmp_path, {"a.png": shapes(BLUE), "a.txt": CAPTION})
+    with pytest.raises(InvalidRequestError) as err:
+        train_lora(engine, data, tmp_path / "x.safetensors", **FAST)
+    assert err.value.field == field
+
+
 def cli_args(**given) -> argparse.Namespace:
     defaults = dict(model=None, data=None, output=None, rank=16, alpha=None, targets="attn,mlp", steps=500, lr=1e-4,
                     batch=1, resolution=512, seed=0, device="cpu", precision=None, gradient_checkpointing=None,

@@ -308,6 +308,11 @@ def train_lora(engine, data: str | Path, output: str | Path, *, rank: int = 16, 
     output = Path(output)
     if output.suffix != ".safetensors":
         raise InvalidRequestError("output", f"must be a .safetensors file (got {output})")
+    if engine.model.offload is not None:
+        raise InvalidRequestError("offload", "training needs the decoder layers on the device (no layer offload)")
+    if engine.quantize is not None:
+        raise InvalidRequestError("model", "training needs bf16 or fp32 weights; training through fp8 layers is "
+                                           "not supported: load the bf16 checkpoint")
     items = scan_dataset(data)
     check_dataset(items, resolution, engine.encoder.check_prompt)
     patterns = resolve_targets(targets)

@@ -35,7 +35,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from hidream.engine import images as img
-from hidream.engine.errors import InvalidRequestError
 from hidream.engine.model import DecoderLayer, HiDreamO1
 from hidream.engine.sampling import Denoiser
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT
@@ -125,8 +124,6 @@ def layer_checkpointing(model: HiDreamO1, enabled: bool = True) -> Iterator[None
     if not enabled:
         yield
         return
-    if model.offload is not None:
-        raise InvalidRequestError("offload", "training needs the decoder layers on the device (no layer offload)")
     had = "step_layer" in model.__dict__
     previous = model.__dict__.get("step_layer")
     model.step_layer = _checkpointed_layer
