@@ -819,7 +819,7 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors:11")
-    assert code == 2 and err.startswith("error: --lora: a.safetensors: the scale"), err
+    assert code == 2 and err.startswith("error: --lora: a.safetensors: the scale must be a finite number"), err
     assert len(bodies) == sent  # checked before anything is sent
 
 

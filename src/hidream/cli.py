@@ -134,7 +134,7 @@ def check_lora_flags(loras: Sequence[tuple[str, float]]) -> None:
     for i, (path, scale) in enumerate(loras):
         if not lora_scale_ok(scale):
             raise InvalidRequestError(f"--lora[{i}]" if len(loras) > 1 else "--lora",
-                                      f"{path}: the scale {LORA_SCALE_RULE.removeprefix('must be ')} (got {scale:g})")
+                                      f"{path}: the scale {LORA_SCALE_RULE} (got {scale:g})")
 
 
 def lora_specs(loras: Sequence[tuple[str, float]]) -> list[Any]:
