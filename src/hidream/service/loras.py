@@ -11,7 +11,6 @@ the cache and becomes `<sha256>.safetensors` only when its task is stored (and g
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import secrets
 import shutil
@@ -29,8 +28,6 @@ from hidream.service.errors import BadRequest, ServiceError
 from hidream.service.fetch import FetchPolicy, fetch_file
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
-
-log = logging.getLogger("hidream.loras")
 
 SUFFIX = ".safetensors"
 URL_SCHEMES = ("https",)  # the tests widen it to reach their plain-http loopback server
