@@ -4,7 +4,8 @@
 # A full-size (8B) HiDream-O1 with random bf16 weights is built directly on the GPU (no checkpoint,
 # nothing downloaded); at 2048x2048, 50 steps, guidance 5, it prints seconds per step and per image and
 # the peak memory for the engine eager and with --compile, next to the dry run's floor; then fp8 weights
-# against bf16 (benchmarks/fp8_quality.py: 1024x1024, 8 steps, an estimated minute more). With
+# against bf16 (benchmarks/fp8_quality.py: 1024x1024, 8 steps, an estimated minute more), layer offload
+# (benchmarks/offload.py) and a LoRA training step (benchmarks/train_lora.py), each allowed to fail. With
 # OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case,
 # under $OFFICIAL_PYTHON (default: the same Python; it needs transformers 4.57, diffusers and einops).
 # The Python used: $PYTHON, else this checkout's .venv when its torch sees CUDA, else python3; the
@@ -46,6 +47,9 @@ echo "== fp8 weights against bf16 (upcast and scaled_mm): image difference, s/st
 echo "== layer offload against none: s/step and peak memory, 1024x1024 and 2048x2048 (+ a 1024x1024 edit), 3 steps"
 "$py" "$root/benchmarks/offload.py" --device cuda --steps 3 --json "$out/offload.json" \
     || echo "== the offload run failed (see above); the results above stand"
+echo "== LoRA training: s/step and peak memory, full-size random weights, 1024 and 2048, 10 steps"
+"$py" "$root/benchmarks/train_lora.py" --device cuda --config full --sizes 1024 2048 --steps 10 \
+    || echo "== the training run failed (see above); the results above stand"
 if [ -n "$official_src" ]; then
     # Last, and allowed to fail (the official code needs transformers 4.57 and diffusers): one line says
     # why, and the results above stand. Its 16.4 GB checkpoint goes to $OFFICIAL_WORKDIR (reused on a rerun).

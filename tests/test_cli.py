@@ -826,7 +826,7 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
 TRAIN_DEFAULTS = {"model": None, "rank": 16, "alpha": None, "targets": "attn,mlp", "steps": 500, "lr": 1e-4,
                   "batch": 1, "resolution": 512, "seed": 0, "device": None, "precision": None,
                   "gradient_checkpointing": None, "save_every": 100, "resume": None, "sample_prompt": None,
-                  "no_sample": False}
+                  "no_sample": False, "caption_dropout": 0.0}
 
 
 @pytest.fixture
@@ -854,14 +854,14 @@ def test_train_lora_passes_its_arguments_to_hidream_train(capsys, run_lora_calls
                            "--steps", "100", "--lr", "5e-4", "--batch", "2", "--resolution", "256", "--seed", "7",
                            "--device", "cpu", "--precision", "fp32", "--no-gradient-checkpointing",
                            "--save-every", "25", "--resume", "o.checkpoints/step-50", "--sample-prompt", "a cat",
-                           "--no-sample")
+                           "--no-sample", "--caption-dropout", "0.2")
     assert code == 0, err
     args = run_lora_calls[-1]
     assert {name: getattr(args, name) for name in TRAIN_DEFAULTS} == {
         "model": "ckpt", "rank": 4, "alpha": 8.0, "targets": "model.language_model.layers.*.mlp.*_proj",
         "steps": 100, "lr": 5e-4, "batch": 2, "resolution": 256, "seed": 7, "device": "cpu", "precision": "fp32",
         "gradient_checkpointing": False, "save_every": 25, "resume": "o.checkpoints/step-50",
-        "sample_prompt": "a cat", "no_sample": True}
+        "sample_prompt": "a cat", "no_sample": True, "caption_dropout": 0.2}
     run_cli(capsys, "train", "lora", "--data", "d", "--output", "o.safetensors", "--gradient-checkpointing")
     assert run_lora_calls[-1].gradient_checkpointing is True
 

@@ -118,7 +118,7 @@ def test_training_sees_what_generation_sees(engine):
     ref = shapes(BLUE, 96)
     example = make_example(engine, shapes(GREEN), INSTRUCTION, [ref], resolution=SIZE)
     _, _, refs, refs_vit = img.prepare_references([ref], SIZE, SIZE, False)
-    cond = engine._conditioning([INSTRUCTION], SIZE, SIZE, refs, refs_vit)
+    cond = engine.conditioning([INSTRUCTION], SIZE, SIZE, refs, refs_vit)
     assert torch.equal(example.denoiser.cond.text_embeds[0], cond.text_embeds[0])
     assert torch.equal(example.denoiser.cond.refs, cond.refs)
     assert example.noise_scale == 8.0  # the full model's recipe
@@ -242,7 +242,7 @@ def test_training_needs_plain_resident_weights(demo_checkpoint, tmp_path, option
 def cli_args(**given) -> argparse.Namespace:
     defaults = dict(model=None, data=None, output=None, rank=16, alpha=None, targets="attn,mlp", steps=500, lr=1e-4,
                     batch=1, resolution=512, seed=0, device="cpu", precision=None, gradient_checkpointing=None,
-                    save_every=100, resume=None, sample_prompt=None, no_sample=False)
+                    save_every=100, resume=None, sample_prompt=None, no_sample=False, caption_dropout=0.0)
     return argparse.Namespace(**{**defaults, **given})
 
 

@@ -624,6 +624,9 @@ def add_train_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-prompt", metavar="TEXT",
                    help="the prompt of the sample image made at the end (default: the first caption)")
     p.add_argument("--no-sample", action="store_true", help="make no sample image at the end")
+    p.add_argument("--caption-dropout", type=NUMBER, default=0.0, metavar="P",
+                   help="train on the empty prompt with probability P, so the LoRA also holds under guidance "
+                        "(default: 0)")
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:

@@ -266,7 +266,7 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
     # Per request. The conditioning runs without an ambient fake mode: the ViT computes its packing from
     # the real image grid (`.tolist()`), and only the tensors that meet a weight turn fake.
     with _Measured(memory, None) as conditioning:
-        cond = engine._conditioning(prompts, width, height, sized, for_vit)
+        cond = engine.conditioning(prompts, width, height, sized, for_vit)
     with _Measured(memory, fake) as prefill:  # ambient: the K/V buffers it allocates are fake too
         denoiser = Denoiser(engine.model, cond, mode="cached", batch=True)
     peak_request, resident = memory.peak, memory.current

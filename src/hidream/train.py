@@ -416,7 +416,8 @@ def run_lora(args) -> int:
     try:
         # What can be checked without the model is, before it loads (minutes for the real one).
         check_options(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch=args.batch,
-                      resolution=args.resolution, save_every=args.save_every, caption_dropout=0.0,
+                      resolution=args.resolution, save_every=args.save_every,
+                      caption_dropout=args.caption_dropout,
                       timestep_shift=1.0)
         if output.suffix != ".safetensors":
             raise InvalidRequestError("output", f"must be a .safetensors file (got {output})")
@@ -436,7 +437,7 @@ def run_lora(args) -> int:
             steps=args.steps, lr=args.lr, batch=args.batch, resolution=args.resolution, seed=args.seed,
             gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
             resume=None if args.resume is None else Path(args.resume).expanduser(),
-            sample_prompt=args.sample_prompt, sample=not args.no_sample)
+            sample_prompt=args.sample_prompt, sample=not args.no_sample, caption_dropout=args.caption_dropout)
     except TrainingDataError:
         raise
     except InvalidRequestError as err:

@@ -272,7 +272,7 @@ def test_errors_at_generation_name_the_request_field(tmp_path, lora_engine) -> N
                  {DOWN: (torch.zeros(4, 256), torch.zeros(64, 4))})  # a LoRA for a wider model
     with pytest.raises(L.LoraError) as info:
         lora_engine.generate(request(L.LoraSpec(wrong)))
-    assert info.value.field == "loras[0]" and DOWN in info.value.rule and "[64, 256]" in info.value.rule
+    assert info.value.field == "loras[0].path" and DOWN in info.value.rule and "[64, 256]" in info.value.rule
     absent = peft(tmp_path / "absent.safetensors", {"model.language_model.layers.7.mlp.down_proj":
                                                     (torch.zeros(4, 128), torch.zeros(64, 4))})
     with pytest.raises(L.LoraError, match="no such layer in this model"):

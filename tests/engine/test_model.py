@@ -20,7 +20,7 @@ def conditioning(engine, n_refs: int, width: int = 96, height: int = 64, guidanc
     refs_in = [picture(80 + 16 * i, 64, i) for i in range(n_refs)]
     width, height, refs, refs_vit = img.prepare_references(refs_in, width, height, False)
     prompts = ["a cat on a mat"] + ([UNCONDITIONAL_PROMPT] if guidance else [])
-    return engine._conditioning(prompts, width, height, refs, refs_vit)
+    return engine.conditioning(prompts, width, height, refs, refs_vit)
 
 
 def noisy(cond, seed: int = 0) -> torch.Tensor:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from hidream.engine.errors import CheckpointError, InvalidRequestError
 from hidream.engine.tensorfile import Entry, read_header, read_tensor
+from hidream.rules import MAX_LORA_SCALE
 
 # Every linear layer a LoRA may address, by official name.
 OFFICIAL_LINEAR = re.compile(
@@ -55,7 +56,7 @@ PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora.down.weigh
 LOKR_SUFFIXES = {f".lokr_{part}": part for part in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b")}
 ATTN_TARGETS = ("model.language_model.layers.*.self_attn.*_proj",)
 MLP_TARGETS = ("model.language_model.layers.*.mlp.*_proj",)
-MAX_SCALE = 10.0
+MAX_SCALE = MAX_LORA_SCALE
 
 
 class LoraError(InvalidRequestError):
@@ -304,7 +305,7 @@ def linear_targets(model: nn.Module) -> dict[str, Target]:
 
 
 def _resolve(lora: LoraFile, targets: dict[str, Target], index: int | None = None) -> dict[str, Target]:
-    where = f"loras[{index}]" if index is not None else "lora"
+    where = f"loras[{index}].path" if index is not None else "lora"
     found = {}
     for name, delta in lora.modules.items():
         target = targets.get(name)

@@ -367,7 +367,7 @@ class Engine:
         scales = noise_scale_schedule(recipe.noise_scale, recipe.noise_scale_end, len(schedule.timesteps))
         return FlashEuler(schedule, scales, recipe.noise_clip_std, generator)
 
-    def _conditioning(self, prompts: list[str], width: int, height: int,
+    def conditioning(self, prompts: list[str], width: int, height: int,
                       refs: list[Image.Image], refs_vit: list[Image.Image]) -> Conditioning:
         encoder, model = self.encoder, self.model
         vision = encoder.encode_references(refs_vit) if refs else None
@@ -416,7 +416,7 @@ class Engine:
             sources, req.width, req.height, req.keep_original_aspect, field="references")
         steps, guidance, shift, scheduler = recipe.steps, recipe.guidance, recipe.shift, recipe.scheduler
         prompts = [req.prompt] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
-        cond = self._conditioning(prompts, width, height, refs, refs_vit)
+        cond = self.conditioning(prompts, width, height, refs, refs_vit)
         denoiser = Denoiser(self.model, cond, mode=mode, batch=batch_guidance)
         result = GenerationResult([], width, height, [], steps, guidance, scheduler, 0.0, shift=shift,
                                   timesteps=recipe.timesteps, noise_scale=recipe.noise_scale,

@@ -1,6 +1,6 @@
 """The training objective of HiDream-O1: its own flow matching in pixel space, on the sampler's code.
 
-A training example is what a generation request becomes before its first step (`Engine._conditioning`:
+A training example is what a generation request becomes before its first step (`Engine.conditioning`:
 the prompt's tokens, the references' ViT tokens and clean patches, sized by `images.prepare_references`)
 plus the clean target x0 in patches. One draw of the objective, for an example of `n` references:
 
@@ -82,8 +82,8 @@ def make_example(engine: Engine, image: Image.Image, caption: str, references: S
     assert target.size == (width, height), (target.size, width, height)
     _, _, refs, refs_vit = img.prepare_references(list(references), width, height, False, field="references")
     with torch.no_grad():  # the base model is frozen: its conditioning needs no graph
-        cond = engine._conditioning([caption], width, height, refs, refs_vit)
-        uncond = engine._conditioning([UNCONDITIONAL_PROMPT], width, height, refs, refs_vit) if caption_dropout \
+        cond = engine.conditioning([caption], width, height, refs, refs_vit)
+        uncond = engine.conditioning([UNCONDITIONAL_PROMPT], width, height, refs, refs_vit) if caption_dropout \
             else None
     x0 = img.patchify(img.to_tensor(target)[None]).to(engine.device, torch.float32)
     return Example(Denoiser(engine.model, cond, mode="full"), x0, width, height,
