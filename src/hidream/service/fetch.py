@@ -241,13 +241,18 @@ def _peer(response: httpx.Response) -> IPAddress | None:
         return None
 
 
-async def _read_body(response: httpx.Response, policy: FetchPolicy, field: str, shown: str) -> bytes:
+def _check_headers(response: httpx.Response, policy: FetchPolicy, field: str, shown: str) -> None:
+    """Refuse an encoded body, or one whose announced length is over the cap, before reading any of it."""
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise BadRequest(f"{field}: {shown} uses Content-Encoding {encoding[:40]}, which is not supported")
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > policy.max_bytes:
         raise BadRequest(f"{field}: {shown} is {int(length)} bytes, over the {policy.max_bytes}-byte limit")
+
+
+async def _read_body(response: httpx.Response, policy: FetchPolicy, field: str, shown: str) -> bytes:
+    _check_headers(response, policy, field, shown)
     body = bytearray()
     async for chunk in response.aiter_raw():
         body += chunk
@@ -260,12 +265,7 @@ async def _save_body(response: httpx.Response, policy: FetchPolicy, field: str, 
                      dest: Path) -> tuple[str, int]:
     """Stream the body into `dest` within the size cap; (sha256 hex, bytes). Hashing and writing run off the
     event loop, a megabyte at a time."""
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise BadRequest(f"{field}: {shown} uses Content-Encoding {encoding[:40]}, which is not supported")
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > policy.max_bytes:
-        raise BadRequest(f"{field}: {shown} is {int(length)} bytes, over the {policy.max_bytes}-byte limit")
+    _check_headers(response, policy, field, shown)
     digest, size, pending = hashlib.sha256(), 0, bytearray()
 
     def write(file, chunk: bytes) -> None:
