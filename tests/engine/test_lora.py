@@ -302,3 +302,22 @@ def test_offloaded_layers_take_the_branch_and_draw_the_same(tmp_path, demo_check
     got = pixels(offloaded.generate(request(L.LoraSpec(path))).images[0])
     assert np.array_equal(got, pixels(lora_engine.generate(request(L.LoraSpec(path))).images[0]))
     assert all(torch.equal(a, b) for a, b in zip(host, offloaded.model.offload.host_tensors(), strict=True))
+
+
+def test_a_compiled_layer_takes_loras_merged(tmp_path, demo_checkpoint, lora_engine) -> None:
+    """A hook would change the compiled layer's guards for every LoRA set: the update goes into the weights."""
+    path = peft(tmp_path / "l.safetensors", random_lora([Q, DOWN]))
+    engine = Engine.load(demo_checkpoint, device="cpu")
+    engine.compiled = True  # as Engine(compile=True) marks it; the layer itself need not be compiled here
+    assert engine.effective_lora_mode() == "merged"
+    hooked = []
+    probe = engine.model.layers[1].mlp.register_forward_pre_hook(
+        lambda m, a: hooked.append(bool(m.down_proj._forward_hooks)))
+    before = engine.model.layers[1].mlp.down_proj.weight.clone()
+    try:
+        got = pixels(engine.generate(request(L.LoraSpec(path))).images[0])
+    finally:
+        probe.remove()
+    assert hooked and not any(hooked)
+    assert torch.equal(engine.model.layers[1].mlp.down_proj.weight, before)  # restored after
+    close(got, pixels(lora_engine.generate(request(L.LoraSpec(path))).images[0]))
