@@ -402,9 +402,10 @@ class Engine:
         step (otherwise nothing in the loop waits for it).
         """
         self.validate(req)
-        with self.loras_applied(self.lora_specs(req)):
+        specs = self.lora_specs(req)
+        with self.loras_applied(specs):
             result = self._generate(req, progress, should_cancel, mode, batch_guidance, timings)
-        result.loras = [(str(s.path), s.scale) for s in self.lora_specs(req)]
+        result.loras = [(str(s.path), s.scale) for s in specs]
         return result
 
     def _generate(self, req: GenerationRequest, progress: ProgressFn | None, should_cancel: Callable[[], bool] | None,
