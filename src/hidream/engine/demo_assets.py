@@ -111,14 +111,14 @@ def _pipeline(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _train_bpe() -> Tokenizer:
-    """A byte-level BPE learned from the built-in corpus (the `tokenizers` trainer is deterministic)."""
+def _train_bpe(extra: str = "") -> Tokenizer:
+    """A byte-level BPE learned from the built-in corpus and `extra` (the `tokenizers` trainer is deterministic)."""
     tokenizer = _pipeline(Tokenizer(BPE(fuse_unk=False, byte_fallback=False)))
     trainer = trainers.BpeTrainer(
         vocab_size=256 + NUM_MERGES, min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
-    tokenizer.train_from_iterator([_CORPUS], trainer=trainer)
+    tokenizer.train_from_iterator([_CORPUS, extra] if extra else [_CORPUS], trainer=trainer)
     return tokenizer
 
 
@@ -158,8 +158,11 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_demo_tokenizer(directory: Path) -> dict[str, int]:
+def write_demo_tokenizer(directory: Path, corpus: str = "") -> dict[str, int]:
     """Write a small Qwen2-style tokenizer into `directory`; return the id of every special token.
+
+    corpus: more text to learn the merges from, beside the built-in one (the demo model's world, so that its
+    words are whole tokens); without it the files are always the same bytes.
 
     Files: tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.jinja, which is all that
     ``AutoTokenizer.from_pretrained(directory)`` reads, offline. The ids of `SPECIAL_TOKENS` follow the BPE
@@ -168,7 +171,7 @@ def write_demo_tokenizer(directory: Path) -> dict[str, int]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _train_bpe()
+    tokenizer = _train_bpe(corpus)
     model = json.loads(tokenizer.to_str())["model"]
     vocab, merges = model["vocab"], [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     tokenizer.add_special_tokens(

@@ -373,7 +373,8 @@ class Engine:
         vision = encoder.encode_references(refs_vit) if refs else None
         feats, deep = None, None
         if vision is not None:
-            with torch.inference_mode():
+            # Without a graph, unless a caller records one (a full-parameter trainer trains the ViT too).
+            with torch.inference_mode(not torch.is_grad_enabled()):
                 feats, deep = model.encode_images(vision.pixel_values.to(self.device), vision.grid_thw.to(self.device))
         ref_sizes = [(r.height, r.width) for r in refs]
         branches, embeds, visual = [], [], []

@@ -73,15 +73,17 @@ def target_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def make_example(engine: Engine, image: Image.Image, caption: str, references: Sequence[Image.Image] = (),
-                 resolution: int = 512, caption_dropout: bool = False) -> Example:
+                 resolution: int = 512, caption_dropout: bool = False, trainable: bool = False) -> Example:
     """The example of a target image, its caption and references, as `engine.generate` would see the request
     (caption, target size, references) before its first step; the target is resized and centre-cropped to
-    its training size. caption_dropout: also the unconditional branch."""
+    its training size. caption_dropout: also the unconditional branch. trainable: the conditioning keeps its
+    graph, so the token table and the ViT train too (full-parameter training; use the example once)."""
     width, height = target_size(image.width, image.height, resolution)
     target = img.fit_to_area(image, resolution)
     assert target.size == (width, height), (target.size, width, height)
     _, _, refs, refs_vit = img.prepare_references(list(references), width, height, False, field="references")
-    with torch.no_grad():  # the base model is frozen: its conditioning needs no graph
+    # A frozen base model's conditioning needs no graph.
+    with contextlib.nullcontext() if trainable else torch.no_grad():
         cond = engine.conditioning([caption], width, height, refs, refs_vit)
         uncond = engine.conditioning([UNCONDITIONAL_PROMPT], width, height, refs, refs_vit) if caption_dropout \
             else None
