@@ -127,7 +127,7 @@ def test_canonical_prompts():
     assert world.edit_prompt(Edit("colour", "green", "circle")) == "make the circle green"
     assert world.edit_prompt(Edit("background", "white")) == "make the background white"
     assert world.edit_prompt(Edit("shape", "square", "circle")) == "turn the circle into a square"
-    assert world.edit_prompt(Edit("position", "bottom", "circle")) == "move the circle to the bottom"
+    assert world.edit_prompt(Edit("position", "bottom", "circle")) == "move the circle at the bottom"
     assert (world.prompt_of(PersonalizePrompt(("circle", "square"), "blue"))
             == "the circle and the square side by side on a blue background")
     assert (world.personalize_prompt(PersonalizePrompt(("circle", "square", "diamond"), "orange"))

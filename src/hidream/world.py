@@ -10,8 +10,8 @@ Prompts (canonical forms; parsing ignores case, extra spaces and a trailing peri
   text-to-image    "a red circle on a blue background" [+ " on the left" | " on the right" |
                    " at the top" | " at the bottom"]; "an" before orange; the colours differ
   edit             "make the circle green", "make the background white",
-                   "turn the circle into a square", "move the circle to the left" (right, top,
-                   bottom, center; "on the left", "at the top" ... parse too); the rest stays
+                   "turn the circle into a square", "move the circle on the left" (on the right,
+                   at the top, at the bottom, to the center; "to the left" ... parse too); the rest stays
   personalization  "the circle and the square side by side on a blue background",
                    "the circle, the square and the diamond side by side on a blue background";
                    object i has the shape colour of reference i; objects run left to right
@@ -146,7 +146,7 @@ def edit_prompt(edit: Edit) -> str:
         "colour": f"make the {edit.shape} {edit.value}",
         "background": f"make the background {edit.value}",
         "shape": f"turn the {edit.shape} into {_a(edit.value)}",
-        "position": f"move the {edit.shape} to the {edit.value}",
+        "position": f"move the {edit.shape} {_PHRASE.get(edit.value, 'to the center')}",  # the phrases
     }[edit.action]
 
 
