@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from hidream import demo_model as dm
 from hidream import world
 from hidream.engine.pipeline import Engine, GenerationRequest
-from hidream.engine.training import flow_matching_loss
+from hidream.engine.training import batched_flow_matching_loss, flow_matching_loss, layout
 
 TINY = dm.DemoShape(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128, vit_hidden=32,
                     vit_depth=1, vit_intermediate=64)
@@ -128,3 +128,23 @@ def test_the_written_directory_loads_and_generates(trained):
     result = engine.generate(GenerationRequest("the circle and the square side by side on a blue background",
                                                width=SIZE, height=SIZE, references=refs, steps=2))
     assert result.images[0].size == (SIZE, SIZE)
+
+
+def test_stacked_examples_give_the_mean_of_their_own_forwards(tmp_path):
+    engine = dm.build(tmp_path / "m", TINY)
+    torch.nn.init.normal_(engine.model.model.final_layer2.linear.weight, std=0.02)  # a head that passes gradients
+    samples = dm.step_samples(dm.TrainSettings(batch=8, resolution=SIZE), 0)
+    samples += [dm.Sample("t2i", s.prompt, s.target) for s in samples if s.mode == "t2i"]  # a layout twice at least
+    examples = [dm.example_of(engine, s, SIZE) for s in samples]
+    assert len({layout(e) for e in examples}) < len(examples)
+    one = flow_matching_loss  # each its own forward, the same draws in the same order
+    generator = torch.Generator("cpu").manual_seed(3)
+    sequential = sum(one(dm.example_of(engine, s, SIZE), generator) for s in samples) / len(samples)
+    sequential.backward()
+    grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+    engine.model.zero_grad(set_to_none=True)
+    stacked = batched_flow_matching_loss(examples, torch.Generator("cpu").manual_seed(3))
+    stacked.backward()
+    torch.testing.assert_close(stacked, sequential, rtol=1e-5, atol=1e-7)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(engine.model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-6)

@@ -6,7 +6,8 @@ The recipe (`DemoShape`, `TrainSettings`), reproducible from a seed: the data of
 noise are functions of (seed, k) alone, so a run resumed from a checkpoint continues the same curve exactly.
 Each step draws `batch` examples of the world's training split, mixing text-to-image, edits (one reference)
 and personalization (2-3 references), 10% of them with the empty prompt (the branch classifier-free guidance
-subtracts); each example is its own forward (the loss their mean: the sequences' lengths differ). AdamW,
+subtracts); examples whose sequences are laid out alike share one forward (`batched_flow_matching_loss`: the
+loss is the mean over the batch, as if each were its own forward). AdamW,
 linear warm-up then cosine decay, gradients clipped at norm 1, float32 on the CPU.
 
 Files, for an output directory OUT:
@@ -382,7 +383,7 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
         engine.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses = int(state["step"]), [float(x) for x in state["losses"]]
-    from hidream.engine.training import flow_matching_loss
+    from hidream.engine.training import batched_flow_matching_loss
 
     say = log or (lambda _: None)
     if start == 0:
@@ -400,12 +401,10 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
             group["lr"] = learning_rate(settings, step)
         generator = step_generator(settings, step)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for sample in step_samples(settings, step):
-            loss = flow_matching_loss(example_of(engine, sample, settings.resolution), generator,
-                                      settings.timestep_shift) / settings.batch
-            loss.backward()
-            total += float(loss.detach())
+        examples = [example_of(engine, sample, settings.resolution) for sample in step_samples(settings, step)]
+        loss = batched_flow_matching_loss(examples, generator, settings.timestep_shift)
+        loss.backward()
+        total = float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         step += 1

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from hidream.engine import images as img
-from hidream.engine.model import DecoderLayer, HiDreamO1
+from hidream.engine.model import DecoderLayer, HiDreamO1, VisualInjection
 from hidream.engine.sampling import Denoiser
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT
 from hidream.rules import MULTIPLE, size_problem
@@ -113,6 +113,51 @@ def flow_matching_loss(example: Example, generator: torch.Generator, shift: floa
     z = ((1 - sigma) * x0 + sigma * img.patchify(noise).to(x0.device)).to(denoiser.dtype)
     x0_pred = denoiser(z, (1.0 - sigma).to(denoiser.device))  # [1, L, 3072]
     return F.mse_loss(x0_pred.float(), x0)
+
+
+def layout(example: Example) -> tuple:
+    """What examples must share to be stacked into one forward: their token and patch positions (so their
+    text lengths, where their image tokens are, their target and reference sizes)."""
+    branch = example.denoiser.cond.branches[0]
+    return (branch.text_positions.numpy().tobytes(), branch.gen_positions.numpy().tobytes(),
+            example.denoiser.cond.refs is not None)
+
+
+def batched_flow_matching_loss(examples: Sequence[Example], generator: torch.Generator, shift: float = 1.0) -> Tensor:
+    """The mean of `flow_matching_loss` over `examples` (without caption dropout), with the same draws in the
+    same order, in one forward per group of examples of one `layout` (their rows stacked: [B, S, hidden])."""
+    draws = [(shifted(torch.rand((), generator=generator), shift),
+              e.noise_scale * torch.randn((1, 3, e.height, e.width), generator=generator)) for e in examples]
+    groups: dict[tuple, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(layout(example), []).append(i)
+    total = torch.zeros(())
+    for rows in groups.values():
+        part = [examples[i] for i in rows]
+        x0 = torch.cat([e.x0 for e in part])  # [B, L, 3072]
+        sigma = torch.stack([draws[i][0] for i in rows]).to(x0.device)  # [B]
+        noise = img.patchify(torch.cat([draws[i][1] for i in rows])).to(x0.device)  # [B, L, 3072]
+        total = total + len(rows) * _stacked_loss(part, x0, sigma, noise).to(total.device)
+    return total / len(examples)
+
+
+def _stacked_loss(examples: list[Example], x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """The x0-MSE of examples of one layout, the Denoiser's "full" forward on their stacked rows."""
+    denoiser = examples[0].denoiser
+    model, conds = denoiser.model, [e.denoiser.cond for e in examples]
+    s = sigma[:, None, None]
+    z = ((1 - s) * x0 + s * noise).to(denoiser.dtype)
+    refs = None if conds[0].refs is None else torch.cat([c.refs for c in conds])  # [B, L_ref, 3072]
+    gen = model.embed_generation((1.0 - sigma).to(denoiser.device), z if refs is None else torch.cat([z, refs], 1))
+    text = torch.cat([c.text_embeds[0] for c in conds])  # [B, T, hidden]
+    n = text.shape[1]
+    visual = None
+    if conds[0].visual[0] is not None:  # DeepStack rows in the mask's row-major order
+        visual = VisualInjection(torch.cat([c.visual[0].positions for c in conds]),
+                                 [torch.cat(f) for f in zip(*(c.visual[0].features for c in conds), strict=True)])
+    cos, sin = denoiser.groups[0][2]  # the layout's, broadcast over the rows
+    h = model.forward_full(torch.cat([text, gen], dim=1), cos, sin, n, visual)[:, n + 1:n + 1 + conds[0].target_len]
+    return F.mse_loss(model.predict(h).float(), x0)
 
 
 def _checkpointed_layer(layer: DecoderLayer, h: Tensor, cos: Tensor, sin: Tensor, attend, keep=None) -> Tensor:
