@@ -242,11 +242,16 @@ def test_unusable_device_is_a_clear_error(demo_checkpoint, device):
 
 def test_place_keeps_host_prefixes_on_the_cpu_and_moves_the_rest(demo_checkpoint):
     from hidream.engine.checkpoint import load_model
-    from hidream.engine.pipeline import EMBED, place
+    from hidream.engine.pipeline import EMBED
 
     model = load_model(demo_checkpoint, torch.device("cpu"), torch.float32)
-    place(model, torch.device("meta"), host=(EMBED,))  # meta stands in for a CUDA device
+    model.place(torch.device("meta"), host=(EMBED,))  # meta stands in for a CUDA device
     where = {n: t.device.type for n, t in [*model.named_parameters(), *model.named_buffers()]}
     assert where.pop("model.language_model.embed_tokens.weight") == "cpu"
     assert set(where.values()) == {"meta"}
     assert all(isinstance(p, torch.nn.Parameter) for _, p in model.named_parameters())
+    # kept prefixes stay where they are (offload keeps its layers' host copies and the ViT)
+    fresh = load_model(demo_checkpoint, torch.device("cpu"), torch.float32)
+    fresh.place(torch.device("meta"), keep=("model.visual.",))
+    devices = {(n.startswith("model.visual."), t.device.type) for n, t in fresh.named_parameters()}
+    assert devices == {(True, "cpu"), (False, "meta")}

@@ -295,6 +295,21 @@ class HiDreamO1(nn.Module):
 
     offload: LayerOffload | None = None  # set by hidream.engine.offload.enable_offload
 
+    def place(self, device: torch.device, host: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> None:
+        """Every parameter and buffer to `device`: those named under a `host` prefix to the CPU instead, those
+        under a `keep` prefix left where they are (prefixes end in "." to name whole modules)."""
+        cpu = torch.device("cpu")
+        for name, module in self.named_modules():
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    full = f"{name}.{key}"
+                    if t is None or full.startswith(keep):
+                        continue
+                    where = cpu if full.startswith(host) else device
+                    if t.device != where:
+                        moved = t.to(where)
+                        table[key] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+
     def resident_layers(self) -> Iterable[DecoderLayer]:
         """The decoder layers in order, each with its weights on the compute device while the caller uses
         it (use each before taking the next): `self.layers` itself, or under offload streamed to the device."""

@@ -196,17 +196,8 @@ class LayerOffload:
         self._pass: object | None = None  # the newest pass
         self.max_resident = 0
 
-        embed = model.model.language_model.embed_tokens
-        if embed.weight.device.type != "cpu":
-            embed.weight = _like(embed.weight, embed.weight.to("cpu"))
-        self._embed = embed
-        for name, module in model.named_modules():
-            if any(name == p or name.startswith(p + ".") for p in (LAYERS, EMBED, VISUAL)):
-                continue
-            for table in (module._parameters, module._buffers):
-                for key, t in table.items():
-                    if t is not None and t.device != device:
-                        table[key] = _like(t, t.to(device))
+        self._embed = model.model.language_model.embed_tokens
+        model.place(device, host=(EMBED + ".",), keep=(LAYERS + ".", VISUAL + "."))
         self._reset()
 
     # --- the stream of layers ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from hidream.engine import images as img
 from hidream.engine.checkpoint import load_model, open_checkpoint
@@ -168,19 +168,6 @@ def resolve_precision(precision: str | None, dtype: torch.dtype | None, device: 
 EMBED = "model.language_model.embed_tokens."
 
 
-def place(model: HiDreamO1, device: torch.device, host: tuple[str, ...] = ()) -> None:
-    """Move every parameter and buffer to `device`, those named under a `host` prefix to the CPU."""
-    for name, module in model.named_modules():
-        for table in (module._parameters, module._buffers):
-            for key, t in table.items():
-                if t is None:
-                    continue
-                where = torch.device("cpu") if f"{name}.{key}".startswith(host) else device
-                if t.device != where:
-                    moved = t.to(where)
-                    table[key] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
-
-
 class Engine:
     """A loaded checkpoint, warm for any number of requests."""
 
@@ -211,7 +198,7 @@ class Engine:
         elif offload != "none":
             raise InvalidRequestError("offload", f"must be none or layers here (got {offload!r})")
         else:
-            place(model, self.device, host=(EMBED,) if self.device.type == "cuda" else ())
+            model.place(self.device, host=(EMBED,) if self.device.type == "cuda" else ())
         self.compiled = compile
         if compile:
             model.compile_layers()
