@@ -101,14 +101,27 @@ def test_the_default_seed_is_random_and_printed_to_reproduce(tmp_path: Path, dem
     assert pixels(tmp_path / "again.png") == pixels(tmp_path / "1.png") != pixels(tmp_path / "0.png")
 
 
-def test_generate_without_model_uses_the_demo_checkpoint(tmp_path: Path, isolated_home: Path, capsys) -> None:
+def test_generate_without_model_uses_the_shipped_demo_model(tmp_path: Path, isolated_home: Path, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import hidream.data
+
     output = tmp_path / "out.png"
-    code, _, err = run_cli(capsys, "generate", "a cat", "-o", output, "--size", "64x64", "--steps", "1", "-q")
+    code, _, err = run_cli(capsys, "generate", "a cat", "-o", output, "--steps", "1", "-q")
     assert code == 0, err
-    assert "note:" in err and "demo checkpoint" in err
-    assert (isolated_home / "demo-model" / "config.json").is_file()
+    assert "note: no --model given, using the demo model" in err and "a red circle on a blue background" in err
+    assert not (isolated_home / "demo-model").exists()  # nothing written: the package's own files
     with Image.open(output) as im:
-        assert im.size == (64, 64)
+        assert im.size == (256, 256)  # the demo model's size when no --size is given
+    broken = tmp_path / "shapes"
+    shutil.copytree(hidream.data.DEMO_MODEL, broken)
+    (broken / "model.safetensors").unlink()
+    monkeypatch.setattr(hidream.data, "DEMO_MODEL", broken)
+    # a broken install: the error names the missing file and what to do, no traceback, no file
+    code, _, err = run_cli(capsys, "generate", "a cat", "-o", tmp_path / "no.png")
+    assert code == 2 and "model.safetensors is missing" in err and "--model" in err, err
+    assert "Traceback" not in err and not (tmp_path / "no.png").exists()
 
 
 @pytest.mark.parametrize(("args", "name", "fmt"), [

@@ -1,6 +1,6 @@
-"""The examples of README.md and docs/*.md run as written against `hidream serve` on the demo checkpoint.
+"""The examples of README.md and docs/*.md run as written against `hidream serve` on the demo model.
 
-Each code block after a `<!-- runs on the demo checkpoint -->` line is run in document order, in one working
+Each code block after a `<!-- runs on the demo model -->` line is run in document order, in one working
 directory per document (so a block may use a file an earlier one wrote), as a newcomer would paste it: bash
 blocks with `bash -e -o pipefail`, python blocks with this interpreter, with `KEY` set to a fresh API key
 and `.venv` linked into the working directory. The only change made to the text is the server's port.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "service"))
 import server_util as su  # noqa: E402  (tests/service/server_util.py: real processes on loopback)
 
-MARK = "<!-- runs on the demo checkpoint -->"
+MARK = "<!-- runs on the demo model -->"
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 EXAMPLE_TIMEOUT_S = 90
@@ -68,12 +68,11 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Demo]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     root = tmp_path_factory.mktemp("docs")
     home = root / "home"
     home.mkdir()
-    (home / "demo-model").symlink_to(demo_checkpoint)  # what `scripts/demo` serves, without writing it again
-    env = su.service_env(home, None)
+    env = su.service_env(home, None)  # what `scripts/demo` serves: the demo model shipped in the package
     procs = su.Processes(root / "logs")
     try:
         proc = procs.serve(env)

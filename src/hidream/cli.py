@@ -45,22 +45,21 @@ API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_sca
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
 
-def demo_checkpoint() -> Path:
-    """The demo checkpoint under HIDREAM_HOME, written on first use."""
-    from hidream.engine.demo import write_demo_checkpoint
-
-    path = default_home() / "demo-model"
-    if not (path / "config.json").is_file():
-        write_demo_checkpoint(path)
-    return path
-
-
 def resolve_model(arg: str | None) -> tuple[Path, bool]:
-    """(checkpoint, is_demo): --model, else $HIDREAM_MODEL, else the demo checkpoint."""
+    """(checkpoint, is_demo): --model, else $HIDREAM_MODEL, else the demo model shipped in the package."""
+    from hidream.data import demo_model
+
     chosen = arg or os.environ.get("HIDREAM_MODEL")
     if chosen:
         return Path(chosen).expanduser(), False
-    return demo_checkpoint(), True
+    try:
+        return demo_model(), True
+    except FileNotFoundError as err:
+        raise InvalidRequestError("--model", str(err)) from None
+
+
+DEMO_NOTE = ("the demo model: a tiny model trained on coloured shapes, e.g. 'a red circle on a blue background'; "
+             "pass --model /path/to/HiDream-O1-Image for real images")
 
 
 def _dtype(args: argparse.Namespace, note: bool = True) -> str | None:
@@ -259,8 +258,8 @@ class _Removed(argparse.Action):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"{CHECKPOINT_HELP} (default: $HIDREAM_MODEL, else the demo checkpoint, "
-                                   "whose images are noise)")
+    p.add_argument("--model", help=f"{CHECKPOINT_HELP} (default: $HIDREAM_MODEL, else the demo model "
+                                   "shipped in the package: coloured shapes only)")
     p.add_argument("--variant", choices=["full", "dev"], help="recipe (default: from the checkpoint: a name "
                                                               "ending in -Dev, or a single file's metadata)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
@@ -378,8 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fmt = args.format or FORMATS.get(Path(args.output).suffix.lower().lstrip("."), "PNG").lower()
     paths = output_paths(Path(args.output), args.num_images, fmt)
     if is_demo:
-        print(f"note: no --model given, using the demo checkpoint at {checkpoint} (random weights: the image "
-              "will be noise; pass --model /path/to/HiDream-O1-Image for real images)", file=sys.stderr)
+        print(f"note: no --model given, using {DEMO_NOTE}", file=sys.stderr)
     refs = args.ref or []
     references = [load_image(path, f"--ref[{i}]") for i, path in enumerate(refs)]
     loras = lora_specs(args.lora or [])  # their files' headers, before the model loads
@@ -594,7 +592,7 @@ def add_train_lora_args(p: argparse.ArgumentParser) -> None:
     """The arguments of `hidream train lora`, what hidream.train.run_lora reads (declared here, not by that
     module: it imports torch, which every other command would then wait for)."""
     p.add_argument("--model", metavar="CKPT", help=f"{CHECKPOINT_HELP} (default: $HIDREAM_MODEL, else the demo "
-                                                   "checkpoint, whose random weights only show the mechanics)")
+                                                   "model, a tiny model of coloured shapes)")
     p.add_argument("--data", metavar="DIR", required=True,
                    help="images with same-named .txt captions, and edit pairs NAME.ref.png + NAME.png + NAME.txt")
     p.add_argument("--output", metavar="FILE.safetensors", required=True, help="the LoRA file to write")
@@ -771,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="what to draw (required; quote it)")
     add_model_args(g)
     g.add_argument("--size", help=f"{SIZE_HELP} (default: {DEFAULT_SIZE}; {DEMO_SIZE[0]}x{DEMO_SIZE[1]} on the "
-                                  "demo checkpoint)")
+                                  "demo model)")
     g.add_argument("--steps", type=INT, help=f"denoising steps: {STEPS_RULE.removeprefix('must be ')} "
                                              "(default: the recipe's, 50 full / 28 dev)")
     g.add_argument("--guidance", type=NUMBER,

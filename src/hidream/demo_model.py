@@ -25,20 +25,22 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hidream import world
+from hidream import demo_eval, world
+from hidream.demo_eval import Sample, draw
 from hidream.engine.demo import demo_config
 from hidream.engine.demo_assets import write_demo_processor_config, write_demo_tokenizer
 
 STATE_FORMAT = "hidream-demo-train/1"
 KEEP_STATES = 2
+STOP_AT: int | None = None  # the shipped model: the state after this step of the default schedule
 MAX_GRAD_NORM = 1.0
-MODES = ("t2i", "edit", "personalize")
+MODES = demo_eval.MODES
 EMPTY_PROMPT = " "  # the guidance's unconditional prompt (hidream.engine.sequence.UNCONDITIONAL_PROMPT)
 
 
@@ -121,9 +123,10 @@ def model_config(token_ids: dict[str, int], vocab_size: int, shape: DemoShape = 
     return raw
 
 
-def write_base(directory: str | Path, shape: DemoShape = DemoShape()) -> dict:
-    """Write the tokenizer (its merges learned with the world's words too), processor files and config.json
-    of the demo model into `directory`; return the config."""
+def write_base(directory: str | Path, shape: DemoShape = DemoShape(), size: int = 256) -> dict:
+    """Write the tokenizer (its merges learned with the world's words too), processor files, config.json and
+    the world's description (`world.DESCRIPTION_FILE`, for the service and the playground) of the demo model
+    trained at `size` into `directory`; return the config."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     token_ids = write_demo_tokenizer(out, corpus=world_corpus())
@@ -131,6 +134,7 @@ def write_base(directory: str | Path, shape: DemoShape = DemoShape()) -> dict:
     raw = model_config(token_ids, vocab_size, shape)
     write_demo_processor_config(out, patch_size=shape.vit_patch, merge_size=shape.merge, temporal_patch_size=2)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    (out / world.DESCRIPTION_FILE).write_text(json.dumps(world.describe(size), indent=2) + "\n", encoding="utf-8")
     return raw
 
 
@@ -166,7 +170,7 @@ def write_weights(model: nn.Module, directory: Path, dtype: torch.dtype = torch.
     return path
 
 
-def build(directory: str | Path, shape: DemoShape = DemoShape(), seed: int = 0):
+def build(directory: str | Path, shape: DemoShape = DemoShape(), seed: int = 0, size: int = 256):
     """The untrained demo model written to `directory` (fp32 weights) and loaded from there for training:
     an Engine (CPU, fp32, unfused: its parameters keep the official names) whose every parameter trains."""
     from transformers import Qwen3VLConfig
@@ -176,7 +180,7 @@ def build(directory: str | Path, shape: DemoShape = DemoShape(), seed: int = 0):
     from hidream.engine.pipeline import Engine
 
     out = Path(directory)
-    raw = write_base(out, shape)
+    raw = write_base(out, shape, size)
     model = HiDreamO1(spec_from_config(Qwen3VLConfig.from_dict(raw)))
     initialize(model, seed)
     write_weights(model, out, torch.float32)
@@ -186,28 +190,6 @@ def build(directory: str | Path, shape: DemoShape = DemoShape(), seed: int = 0):
 
 
 # --- data ---------------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    """One example of the world: the mode, the prompt, the target scene, the reference scenes."""
-
-    mode: str
-    prompt: str
-    target: world.Scene
-    references: list[world.Scene] = field(default_factory=list)
-
-
-def draw(rng: random.Random, split: str, mode: str) -> Sample:
-    """A sample of `mode` from the world's split."""
-    if mode == "t2i":
-        scene = world.sample_t2i(rng, split=split)
-        return Sample(mode, world.prompt_of(scene), scene)
-    if mode == "edit":
-        ref, instruction, target = world.sample_edit(rng, split=split)
-        return Sample(mode, instruction, target, [ref])
-    refs, prompt, target = world.sample_personalize(rng, rng.choice((2, 3)), split=split)
-    return Sample(mode, prompt, target, list(refs))
-
 
 def step_samples(settings: TrainSettings, step: int) -> list[Sample]:
     """The training samples of one step: a function of (seed, step) alone; the caption dropped (the empty
@@ -221,12 +203,6 @@ def step_samples(settings: TrainSettings, step: int) -> list[Sample]:
             sample.prompt = EMPTY_PROMPT
         samples.append(sample)
     return samples
-
-
-def eval_samples(count: int, seed: int = 1234) -> list[Sample]:
-    """A fixed set of `count` held-out samples per mode (combinations never trained on)."""
-    rng = random.Random(f"hidream-demo-eval/{seed}")
-    return [draw(rng, "eval", mode) for mode in MODES for _ in range(count)]
 
 
 def example_of(engine, sample: Sample, resolution: int, trainable: bool = True):
@@ -319,22 +295,16 @@ class Evaluation:
 def evaluate(engine, settings: TrainSettings, step: int, count: int = 4, steps: int = 10,
              guidance: float | None = None) -> Evaluation:
     """Held-out loss (fixed timesteps and noise) and the world evaluator's accuracy per mode of images
-    generated through `engine.generate` (seed i, `steps` steps, the recipe's guidance unless given)."""
-    from hidream.engine.pipeline import GenerationRequest
+    generated through `engine.generate` (`demo_eval`: seed i, `steps` steps, the recipe's guidance unless given)."""
     from hidream.engine.training import flow_matching_loss
 
-    samples = eval_samples(count)
+    samples = demo_eval.held_out_set(count)
     generator = torch.Generator("cpu").manual_seed(0)
     with torch.no_grad():
         losses = [float(flow_matching_loss(example_of(engine, s, settings.resolution, False), generator,
                                            settings.timestep_shift)) for s in samples]
-    results: dict[str, list[dict[str, bool]]] = {mode: [] for mode in MODES}
-    for i, s in enumerate(samples):
-        refs = [world.render(r, settings.resolution) for r in s.references]
-        req = GenerationRequest(s.prompt, width=settings.resolution, height=settings.resolution, references=refs,
-                                seed=i, steps=steps, guidance=guidance)
-        results[s.mode].append(world.score(s.target, engine.generate(req).images[0]))
-    return Evaluation(step, sum(losses) / len(losses), {m: world.accuracy(r) for m, r in results.items()})
+    images = demo_eval.generate(engine, samples, settings.resolution, steps=steps, guidance=guidance)
+    return Evaluation(step, sum(losses) / len(losses), demo_eval.accuracy(samples, images))
 
 
 def describe(e: Evaluation) -> str:
@@ -354,15 +324,21 @@ class TrainRun:
     seconds_per_step: float  # median over this run's steps
     evaluations: list[Evaluation]
     checkpoints: Path
-    finished: bool  # the schedule's last step reached (else stopped by `minutes`)
+    finished: bool  # the schedule's last step (or stop_at) reached, else stopped by `minutes`
 
 
 def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: DemoShape = DemoShape(), *,
-          minutes: float | None = None, resume: str | Path | None = None, save_every: int = 250,
+          minutes: float | None = None, stop_at: int | None = None, resume: str | Path | None = None,
+          save_every: int = 250,
           eval_every: int = 500, eval_count: int = 4, eval_steps: int = 10, log_every: int = 25,
           log: Callable[[str], None] | None = print) -> TrainRun:
-    """Train the demo model from initialization (or resume a run) and write it to the directory `output`."""
+    """Train the demo model from initialization (or resume a run) and write it to the directory `output`.
+    stop_at: end after that step of the schedule (the model of step `stop_at` of `settings.steps`, the same
+    whatever the machine); minutes: end after that long (resumable)."""
     check_settings(settings)
+    if stop_at is not None and not 1 <= stop_at <= settings.steps:
+        raise ValueError(f"stop_at must be from 1 to steps ({settings.steps}) (got {stop_at})")
+    last = settings.steps if stop_at is None else stop_at
     output = Path(output)
     directory = checkpoint_dir(output)
     described = _settings_dict(settings, shape)
@@ -372,7 +348,7 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
         if state["settings"] != described:
             raise ValueError(f"resume: {path.name} was trained with other settings {state['settings']}: resuming "
                              "continues a run only with its own settings")
-    engine = build(output, shape, settings.seed)
+    engine = build(output, shape, settings.seed, settings.resolution)
     params = [p for p in engine.model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
@@ -393,7 +369,7 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
     times: list[float] = []
     evaluations: list[Evaluation] = []
     step = start
-    while step < settings.steps:
+    while step < last:
         if minutes is not None and time.monotonic() - began > minutes * 60:
             break
         tick = time.perf_counter()
@@ -410,16 +386,16 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
         step += 1
         losses.append(total)
         times.append(time.perf_counter() - tick)
-        if step % log_every == 0 or step == settings.steps:
+        if step % log_every == 0 or step == last:
             recent = losses[-log_every:]
             say(f"step {step}/{settings.steps}  loss {total:.4f}  mean{len(recent)} {sum(recent) / len(recent):.4f}  "
                 f"lr {learning_rate(settings, step - 1):.2e}  {times[-1]:.2f} s/step")
-        if step % save_every == 0 or step == settings.steps:
+        if step % save_every == 0 or step == last:
             save_state(directory, step, engine, optimizer, losses, described)
-        if eval_every and (step % eval_every == 0 or step == settings.steps):
+        if eval_every and (step % eval_every == 0 or step == last):
             evaluations.append(evaluate(engine, settings, step, eval_count, eval_steps))
             say(describe(evaluations[-1]))
-    if start < step < settings.steps:  # stopped by `minutes`: a state to resume from, and where it stands
+    if start < step < last:  # stopped by `minutes`: a state to resume from, and where it stands
         if step % save_every:
             save_state(directory, step, engine, optimizer, losses, described)
         if eval_every and step % eval_every:
@@ -427,7 +403,7 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
             say(describe(evaluations[-1]))
     write_weights(engine.model, output)
     return TrainRun(output, step, losses, sorted(times)[len(times) // 2] if times else 0.0, evaluations, directory,
-                    step >= settings.steps)
+                    step >= last)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -439,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-model-trained", help="the checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--steps", type=int, default=d.steps, help="the schedule's length (fixes the model)")
+    parser.add_argument("--stop-at", type=int, default=STOP_AT,
+                        help="end after this step of the schedule, whatever the machine's speed (default: "
+                             f"{STOP_AT or 'the last'}, as the shipped model)")
     parser.add_argument("--minutes", type=float, default=115.0,
                         help="stop (resumable) after this long (default 115: within 2 hours, evaluations included)")
     parser.add_argument("--resolution", type=int, default=d.resolution)
@@ -461,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                              lr=args.lr, warmup=args.warmup, schedule=args.schedule)
     shape = DemoShape(hidden=args.hidden, layers=args.layers)
     try:
-        run = train(Path(args.out).expanduser(), settings, shape, minutes=args.minutes, resume=args.resume,
+        run = train(Path(args.out).expanduser(), settings, shape, minutes=args.minutes, stop_at=args.stop_at,
+                    resume=args.resume,
                     save_every=args.save_every, eval_every=args.eval_every or settings.steps,
                     eval_count=args.eval_count, eval_steps=args.eval_steps)
     except ValueError as err:

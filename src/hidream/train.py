@@ -426,7 +426,7 @@ def run_lora(args) -> int:
         if args.resume is not None:
             find_state(Path(args.resume).expanduser())
         if is_demo:
-            print(f"note: no --model given, training on the demo checkpoint at {checkpoint} (random weights)",
+            print(f"note: no --model given, training on the demo model at {checkpoint} (coloured shapes)",
                   file=sys.stderr)
         try:
             engine = Engine.load(checkpoint, device=args.device, precision=args.precision)

@@ -156,6 +156,39 @@ def personalize_prompt(prompt: PersonalizePrompt) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]} side by side on {_a(prompt.background)} background"
 
 
+DESCRIPTION_FILE = "demo-world.json"  # beside a demo model's config.json: what it knows (`describe`)
+
+
+def describe(size: int = 256) -> dict:
+    """What a model trained on this world knows, for people and clients: its words, its size, and example
+    prompts per mode (the service lists it with the model, the playground offers the examples)."""
+    return {
+        "about": "A tiny HiDream-O1 trained on flat coloured shapes: it draws nothing else. Real images need "
+                 "the official HiDream-O1-Image weights.",
+        "size": size,
+        "colours": list(COLOURS), "shapes": list(SHAPES),
+        "positions": ["center", *(_PHRASE[p] for p in POSITIONS if p != "center")],
+        "grammar": {
+            "text-to-image": "a {colour} {shape} on a {colour} background [on the left | on the right | "
+                             "at the top | at the bottom]",
+            "edit": ["make the {shape} {colour}", "make the background {colour}", "turn the {shape} into a {shape}",
+                     "move the {shape} on the left | on the right | at the top | at the bottom | to the center"],
+            "personalization": "the {shape} and the {shape} [and the {shape}] side by side on a {colour} "
+                               "background: 2 or 3 references, one shape each; each object takes the colour "
+                               "of its reference, left to right in reference order",
+        },
+        "examples": {
+            "text-to-image": ["a red circle on a blue background", "a yellow triangle on a purple background",
+                              "a white square on a black background at the top",
+                              "an orange diamond on a green background on the left"],
+            "edit": ["make the circle green", "make the background white", "turn the circle into a square",
+                     "move the circle at the bottom"],
+            "personalization": ["the circle and the square side by side on a white background",
+                                "the triangle, the diamond and the circle side by side on a black background"],
+        },
+    }
+
+
 _C = "(" + "|".join(COLOURS) + ")"
 _S = "(" + "|".join(SHAPES) + ")"
 _WHERE = {**{v: k for k, v in _PHRASE.items()}, "in the center": "center", "at the center": "center",

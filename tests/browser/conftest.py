@@ -71,11 +71,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
-    """`hidream serve` with no model configured, as a first start is: it serves the demo checkpoint from
-    HIDREAM_HOME/demo-model (here the session's, linked in) and says so (`demo: true` in GET /api/v1/models)."""
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`hidream serve` with no model configured, as a first start is: it serves the demo model shipped in the
+    package and says so (`demo: true` and `demo_world` in GET /api/v1/models)."""
     home = tmp_path_factory.mktemp("browser-demo-home")
-    (home / "demo-model").symlink_to(demo_checkpoint, target_is_directory=True)
     procs = su.Processes(home.parent / (home.name + "-logs"))
     try:
         env = su.service_env(home, None)

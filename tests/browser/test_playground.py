@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 
 MODEL = "hidream-o1-image"
 RUN_TIMEOUT = 120_000  # ms: a generous ceiling for a small run on a busy 2-core machine, not a threshold
-# ms: a run with the demo checkpoint's suggested size (512x512) and the default 50 steps takes seconds here;
+# ms: a run with the demo model's suggested size (256x256) and the default 50 steps takes seconds here;
 # one at the default size (2304x1728) takes minutes
 DEMO_RUN_TIMEOUT = 60_000
 
@@ -466,40 +466,56 @@ def test_without_the_stream_route_it_polls(page: Page, server: Server, key: str)
     expect(page.locator("#result-meta")).to_contain_text(str(pred["input"]["seed"]))
 
 
-def test_demo_checkpoint_preselects_a_small_size_and_says_so(page: Page, demo_server: Server,
-                                                             screenshots: Path) -> None:
-    """No model configured: the server runs the demo checkpoint. The page says its images are noise, and
-    starts from the size the server suggests instead of the default 4-megapixel one, so that a run with the
-    page's defaults takes seconds on a CPU."""
+def test_the_demo_model_says_what_it_knows_and_draws_an_example(page: Page, demo_server: Server,
+                                                                screenshots: Path) -> None:
+    """No model configured: the server runs the shipped demo model. The page says what it knows, starts from
+    its size instead of the default 4-megapixel one, and offers example prompts; clicking "a red circle on a
+    blue background" and generating at seed 3 with every other default gives a red circle on blue."""
+    from hidream import world
+
     key = demo_server.new_key("demo")
     with su.client(demo_server.url, key) as c:
         [model] = su.ok(c.get("/api/v1/models"))
-    assert model["demo"] is True and model["suggested"] == {"image_size": {"width": 512, "height": 512}}, model
+    assert model["demo"] is True and model["suggested"] == {"image_size": {"width": 256, "height": 256}}, model
+    assert model["demo_world"]["colours"] == list(world.COLOURS), model["demo_world"]
     params = model["parameters"]
     sign_in(page, demo_server, key)
 
     note = page.get_by_role("note")
     expect(note).to_be_visible()
-    expect(note).to_have_text("Demo checkpoint: random weights, images are noise.")
+    expect(note).to_contain_text("Demo model.")
+    expect(note).to_contain_text("Real images need the official HiDream-O1-Image weights.")
+    expect(note).to_contain_text("Shapes: circle, square, triangle, diamond.")
     expect(page.get_by_role("radio", name=re.compile("^Custom"))).to_be_checked()
-    expect(page.get_by_label("Width", exact=True)).to_have_value("512")
-    expect(page.get_by_label("Height", exact=True)).to_have_value("512")
-    expect(page.locator("#size-summary")).to_have_text("512 × 512 pixels, 0.3 megapixels")
+    expect(page.get_by_label("Width", exact=True)).to_have_value("256")
+    expect(page.get_by_label("Height", exact=True)).to_have_value("256")
     # the size only: every other field keeps the contract's default
     expect(page.get_by_label("Steps", exact=True)).to_have_value(str(params["num_inference_steps"]["default"]))
     expect(page.get_by_label("Guidance", exact=True)).to_have_value(f"{params['guidance_scale']['default']:g}")
     expect(page.get_by_label("Format", exact=True)).to_have_value(params["output_format"]["default"])
-    assert accessibility_problems(page) == []
-    shoot(page, screenshots, "demo")
 
-    # a run with nothing changed but the prompt ends well within a minute
-    page.get_by_label("Prompt", exact=True).fill("a lighthouse, on random weights")
+    # an edit example switches to the edit mode (its reference is still the user's to give)
+    page.get_by_role("button", name="Edit: make the circle green").click()
+    expect(page.get_by_role("radio", name="Edit")).to_be_checked()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("make the circle green")
+    page.get_by_role("button", name="Text to image: a red circle on a blue background").click()
+    expect(page.get_by_role("radio", name="Text to image")).to_be_checked()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a red circle on a blue background")
+    assert accessibility_problems(page) == []
+    page.get_by_label("Random", exact=True).uncheck()  # a fixed seed, so the run is the same on every machine
+    page.get_by_label("Seed", exact=True).fill("3")
     generate(page)
     wait_result(page, timeout=DEMO_RUN_TIMEOUT)
-    assert natural_size(page) == (512, 512)
+    assert natural_size(page) == (256, 256)
+    shoot(page, screenshots, "demo")
     [pred] = predictions(demo_server, key)
     assert pred["status"] == "completed", pred
     assert pred["input"]["num_inference_steps"] == params["num_inference_steps"]["default"], pred["input"]
+    with su.client(demo_server.url, key) as c:
+        drawn = c.get(pred["outputs"][0])
+    assert drawn.status_code == 200
+    reading = world.read(Image.open(io.BytesIO(drawn.content)))
+    assert (reading.background, reading.colour, reading.shape) == ("blue", "red", "circle"), reading
 
 
 def test_the_lora_picker_sends_each_rows_file_and_scale(page: Page, server: Server, key: str,

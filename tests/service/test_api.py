@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -607,6 +608,26 @@ def test_models(service: Service) -> None:
     assert p["output_format"]["enum"] == ["png", "jpeg", "webp"]
     assert p["image_size"]["presets"]["landscape_4_3"] == {"width": 2304, "height": 1728}
     assert p["prompt"]["max_length"] == 5000
+
+
+def test_models_say_whether_the_demo_model_is_served_and_what_it_knows(make_service: Callable[..., Service],
+                                                                      demo_checkpoint: Path) -> None:
+    from hidream import world
+
+    svc = make_service()  # no model configured: the shipped demo model
+    (model,) = assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))
+    assert model["demo"] is True and model["suggested"] == {"image_size": {"width": 256, "height": 256}}
+    known = model["demo_world"]
+    assert (known["colours"], known["shapes"], known["size"]) == (list(world.COLOURS), list(world.SHAPES), 256)
+    for mode, prompts in known["examples"].items():
+        for prompt in prompts:  # every example is a sentence of the world's grammar, of its mode
+            parsed = world.parse(prompt)
+            assert {"text-to-image": world.Scene, "edit": world.Edit,
+                    "personalization": world.PersonalizePrompt}[mode] is type(parsed), (mode, prompt)
+    # another checkpoint (the random official-layout one): not the demo model, nothing suggested
+    other = make_service(model=str(demo_checkpoint))
+    (model,) = assert_ok(other.client.get("/api/v1/models", headers=other.h1))
+    assert (model["demo"], model["demo_world"], model["suggested"]) == (False, None, {})
 
 
 def test_models_list_the_live_workers_and_how_their_engines_run(make_service: Callable[..., Service]) -> None:

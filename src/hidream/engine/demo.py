@@ -1,6 +1,7 @@
-"""A tiny checkpoint in exactly the official layout, with random weights: for tests and the first run.
+"""A tiny checkpoint in exactly the official layout (official token ids), with random weights: for tests.
 
-Its images are noise: it proves the loading and sampling code, not image quality.
+Its images are noise: it proves the loading and sampling code, not image quality. The default model of the
+commands is the trained demo model shipped in the package (`hidream.data`).
 """
 
 from __future__ import annotations

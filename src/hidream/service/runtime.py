@@ -32,10 +32,10 @@ VARIANTS = ("full", "dev")
 
 
 def engine_loader(settings: Settings) -> Callable[[], Any]:
-    """A function that loads the configured checkpoint (the demo one when none is configured).
+    """A function that loads the configured checkpoint (the shipped demo model when none is configured).
 
     It raises CheckpointError, or InvalidRequestError naming "variant", "dtype", "precision", "quantize",
-    "offload", "tokenizer" or "device".
+    "offload", "tokenizer", "device" or "model" (the shipped demo model's files missing).
     """
 
     def load():
@@ -52,12 +52,13 @@ def engine_loader(settings: Settings) -> Callable[[], Any]:
                                                    f"files ({tokenizer} {why})")
         if settings.dtype is not None:
             log.warning("HIDREAM_DTYPE (--dtype) is deprecated: use HIDREAM_PRECISION (--precision) %s", precision)
-        from hidream.engine.demo import write_demo_checkpoint
+        from hidream.data import demo_model
         from hidream.engine.pipeline import Engine
 
-        path = Path(settings.model).expanduser() if settings.model else settings.home / "demo-model"
-        if not settings.model and not (path / "config.json").is_file():
-            write_demo_checkpoint(path)
+        try:
+            path = Path(settings.model).expanduser() if settings.model else demo_model()
+        except FileNotFoundError as err:
+            raise InvalidRequestError("model", str(err)) from None
         # the options are passed only when set, so an engine without them still loads
         quantize = None if settings.quantize == "none" else settings.quantize
         offload = None if settings.offload == "none" else settings.offload
@@ -289,8 +290,9 @@ def serve(settings: Settings) -> int:
             print(f"HiDream O1 image API on {settings.base_url}  (models: {', '.join(settings.model_ids)})",
                   flush=True)
             if not settings.model:
-                print("note: serving the demo checkpoint (random weights: images are noise); set HIDREAM_MODEL or "
-                      "--model to the official weights for real images", flush=True)
+                print("note: serving the demo model, a tiny model trained on coloured shapes (try 'a red circle on "
+                      "a blue background'); set HIDREAM_MODEL or --model to the official weights for real images",
+                      flush=True)
             if token:
                 print(f"created the first API key (shown once, keep it): {token}\n"
                       f"more keys: {keys_create_command(settings)}", flush=True)

@@ -343,7 +343,11 @@ class ModelInfo(BaseModel):
     id: str
     aliases: list[str]
     price_per_image_usd: float
-    demo: bool = Field(description="true: the demo checkpoint (random weights, images are noise)")
+    demo: bool = Field(description="true: the demo model (a tiny model trained on coloured shapes, see "
+                                   "`demo_world`)")
+    demo_world: dict[str, Any] | None = Field(None, description="on the demo model: what it knows (colours, "
+                                              "shapes, positions, the prompt grammar per mode, example prompts, "
+                                              "its size); null on other checkpoints")
     suggested: dict[str, Any] = Field(description="values to preselect instead of the defaults (the demo's "
                                                   "small size); empty on real weights")
     parameters: dict[str, Any]
@@ -397,8 +401,8 @@ class ErrorEnvelope(Envelope):
 
 
 def suggested_values(demo: bool) -> dict[str, Any]:
-    """Values a client may preselect instead of the defaults: on the demo checkpoint (random weights) a small
-    size that runs in seconds on a CPU; nothing on real weights. The defaults stay the contract's either way."""
+    """Values a client may preselect instead of the defaults: on the demo model its own size (seconds on a
+    CPU); nothing on real weights. The defaults stay the contract's either way."""
     return {"image_size": {"width": DEMO_SIZE[0], "height": DEMO_SIZE[1]}} if demo else {}
 
 

@@ -55,7 +55,7 @@ class Settings:
     """Read once at start-up and passed down; nothing reads the environment after that."""
 
     home: Path = field(default_factory=default_home)
-    model: str | None = None  # checkpoint directory or single .safetensors file; None: the demo checkpoint
+    model: str | None = None  # checkpoint directory or single .safetensors file; None: the demo model
     variant: str | None = None  # full | dev; None: from the checkpoint's name
     device: str | None = None
     dtype: str | None = None  # deprecated spelling of precision: bf16 | fp32 (fp16 is refused)
@@ -132,12 +132,19 @@ class Settings:
     @property
     def served_variant(self) -> str:
         """full or dev: --variant, else detected from the checkpoint (a directory's name; a single file's
-        metadata or name), as the engine does; the demo checkpoint: full."""
+        metadata or name), as the engine does; the demo model: full."""
         from hidream.engine.config import detect_variant
 
         if self.variant is not None:
             return self.variant
         return detect_variant(Path(self.model).expanduser()) if self.model else "full"
+
+    @property
+    def demo_world(self) -> dict | None:
+        """What the served demo model knows (its description file), or None when the checkpoint is another."""
+        from hidream.data import demo_world
+
+        return demo_world(self.model)
 
     @property
     def recipe_defaults(self) -> tuple[int, float]:
@@ -208,7 +215,7 @@ ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.
 
 # name -> what the setting means, for `--help` (see `help_text`); every setting has one.
 HELP: dict[str, str] = {
-    "home": "directory of the SQLite database, the stored files, the signing secret and the demo checkpoint",
+    "home": "directory of the SQLite database, the stored files and the signing secret",
     "model": CHECKPOINT_HELP,
     "variant": "recipe: full or dev",
     "device": "cuda, cuda:N or cpu",
@@ -265,7 +272,7 @@ HELP: dict[str, str] = {
 }
 # Defaults that are not a plain value of `Settings`.
 _DEFAULT_SHOWN = {
-    "home": "$HOME/.cache/hidream", "model": "the demo checkpoint, whose images are noise",
+    "home": "$HOME/.cache/hidream", "model": "the demo model shipped in the package (coloured shapes only)",
     "variant": "from the checkpoint: a name ending in -Dev, or a single file's metadata", "device": "cuda when present, else cpu",
     "dtype": "none: see precision", "precision": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT",
     "database_url": "sqlite:///HOME/hidream.db",

@@ -13,13 +13,14 @@ UNAUTHORIZED = {401: {"model": schemas.ErrorEnvelope}}
 
 @router.get("/api/v1/models", response_model=schemas.ModelsEnvelope, responses=UNAUTHORIZED)
 def models(ctx: Ctx, key_id: Key):
-    """The served model ids, their aliases, parameters and price, whether they run the demo checkpoint, and
-    the live workers serving each, with how their engines run (device, precision, quantize, offload)."""
+    """The served model ids, their aliases, parameters and price, whether they run the demo model (and what it
+    knows), and the live workers serving each, with how their engines run (device, precision, quantize, offload)."""
     settings = ctx.settings
-    params, demo = schemas.parameter_schema(*settings.recipe_defaults), settings.model is None
+    world = settings.demo_world
+    params, demo = schemas.parameter_schema(*settings.recipe_defaults), world is not None
     live = ctx.store.live_workers(stale_after_s(settings.lease_s))
     return envelope([{"id": m, "aliases": [a for a, t in settings.aliases.items() if t == m],
-                      "price_per_image_usd": settings.price_usd, "demo": demo,
+                      "price_per_image_usd": settings.price_usd, "demo": demo, "demo_world": world,
                       "suggested": schemas.suggested_values(demo), "parameters": params,
                       "workers": [_worker(w) for w in live if m in w["models"]]}
                      for m in settings.model_ids])

@@ -292,7 +292,7 @@ function buildForm() {
   }
   sizes.append(sizeOption("custom", "Custom", "your own", 4, 3));
   const custom = p.image_size.custom;
-  // the server may suggest a size to start from instead of the default (the demo checkpoint's small one)
+  // the server may suggest a size to start from instead of the default (the demo model's own)
   const suggested = suggestedSize(model.suggested);
   for (const id of ["width", "height"]) {
     const input = $(id);
@@ -308,7 +308,7 @@ function buildForm() {
     || document.querySelector(`input[name="size"][value="${p.image_size.default}"]`)
     || sizes.querySelector('input[name="size"]');
   def.checked = true;
-  $("demo-note").hidden = !state.models.some((m) => m.demo === true);
+  showDemoWorld(state.models.find((m) => m.demo === true && m.demo_world)?.demo_world);
   sizes.addEventListener("change", () => { clearFieldError("width"); updateSize(); });
 
   numberField("steps", p.num_inference_steps, 1);
@@ -356,6 +356,31 @@ function buildForm() {
   updateSize();
   updateCost();
   state.formReady = true;
+}
+
+/** `suggested.image_size` of GET /api/v1/models as { width, height }, or null when there is none (real weights). */
+function showDemoWorld(world) {
+  $("demo-note").hidden = !world;
+  if (!world) return;
+  $("demo-about").textContent = world.about;
+  $("demo-words").textContent = `Colours: ${world.colours.join(", ")}. Shapes: ${world.shapes.join(", ")}. `
+    + `Positions: ${world.positions.join(", ")}. Edits: ${world.grammar.edit.join("; ")}. `
+    + `Personalize: ${world.grammar.personalization}.`;
+  const box = $("demo-examples");
+  box.replaceChildren(el("span", { class: "label", text: "Try:" }));
+  for (const [mode, prompts] of Object.entries(world.examples)) {
+    for (const prompt of prompts) {
+      // an example sets the mode and the prompt; edits and personalization still need their references
+      box.append(el("button", { type: "button", class: "chip", text: prompt,
+        "aria-label": `${MODE_NAMES[mode] || mode}: ${prompt}`,
+        onclick: () => {
+          setMode(mode);
+          $("prompt").value = prompt;
+          $("prompt").dispatchEvent(new Event("input"));
+          $("prompt").focus();
+        } }));
+    }
+  }
 }
 
 /** `suggested.image_size` of GET /api/v1/models as { width, height }, or null when there is none (real weights). */

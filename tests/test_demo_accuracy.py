@@ -1,0 +1,80 @@
+"""The shipped demo model (src/hidream/data/demo-model): an ordinary official-layout checkpoint that follows
+the world's prompts in all three modes, on held-out combinations, at the recipe's default steps and guidance.
+
+The set is the start of the benchmark's (`benchmarks/demo_model.py`, 100 per mode; `hidream.demo_eval`),
+seeded, on the CPU; the thresholds sit a little below the benchmark's targets (colours 90%, shape and
+position 80%, edit 80%, personalization 75%) so that one image more or less does not decide a run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hidream import demo_eval, world
+from hidream.data import DEMO_MODEL, demo_model, demo_world
+
+COUNT = 12  # held-out prompts per mode
+# (mode, figure, at least %): the benchmark's targets, less a margin
+THRESHOLDS = (("t2i", "background", 80), ("t2i", "colour", 80), ("t2i", "shape", 66), ("t2i", "position", 66),
+              ("edit", "all", 66), ("personalize", "colours", 58))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from hidream.engine.pipeline import Engine
+
+    torch.manual_seed(0)
+    return Engine.load(demo_model(), device="cpu")  # the ordinary loader, fp32 on the CPU
+
+
+@pytest.fixture(scope="module")
+def drawn(engine):
+    samples = demo_eval.held_out_set(COUNT)
+    return samples, demo_eval.generate(engine, samples)
+
+
+def test_the_shipped_model_is_an_official_layout_checkpoint_within_20_mb(engine) -> None:
+    raw = json.loads((DEMO_MODEL / "config.json").read_text())
+    assert raw["model_type"] == "qwen3_vl" and raw["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    files = {p.name for p in DEMO_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "preprocessor_config.json", world.DESCRIPTION_FILE} <= files, files
+    assert sum(p.stat().st_size for p in DEMO_MODEL.iterdir()) <= 20 * 2**20
+    vocab = engine.encoder.tokenizer.get_vocab()
+    assert raw["image_token_id"] == vocab["<|image_pad|>"] and raw["vision_start_token_id"] == vocab["<|vision_start|>"]
+    assert engine.variant == "full"
+    # what it says it knows is what the world is now
+    assert demo_world(None) == world.describe(256) == demo_world(DEMO_MODEL)
+
+
+def test_text_to_image_draws_the_prompt(drawn) -> None:
+    _check(drawn, "t2i")
+
+
+def test_edits_make_the_named_change_and_keep_the_rest(drawn) -> None:
+    _check(drawn, "edit")
+
+
+def test_personalization_takes_each_colour_from_its_reference_in_order(drawn) -> None:
+    _check(drawn, "personalize")
+
+
+def test_the_example_prompt_draws_a_red_circle_on_blue(engine) -> None:
+    from hidream.engine.pipeline import GenerationRequest
+
+    image = engine.generate(GenerationRequest("a red circle on a blue background", width=256, height=256,
+                                              seed=3)).images[0]
+    reading = world.read(image)
+    assert (reading.background, reading.colour, reading.shape, reading.position) == \
+        ("blue", "red", "circle", "center"), reading
+
+
+def _check(drawn, mode: str) -> None:
+    samples, images = drawn
+    pairs = [(s, i) for s, i in zip(samples, images, strict=True) if s.mode == mode]
+    acc = demo_eval.accuracy([s for s, _ in pairs], [i for _, i in pairs])[mode]
+    low = {figure: (acc[figure], least) for m, figure, least in THRESHOLDS if m == mode and acc[figure] < least}
+    assert not low, f"{mode}: {acc}; below the thresholds: {low}"
