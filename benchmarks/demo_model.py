@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = load(model, args.device, base_options)
     exact, seconds = run(engine, samples, args.size, {})
     rows = [{"run": "exact (recipe defaults)", "accuracy": demo_eval.accuracy(samples, exact), "psnr_db": math.inf,
-             "s_per_image": seconds}]
+             "s_per_image": seconds, "scores": [demo_eval.score(s, i) for s, i in zip(samples, exact)]}]
     for change in args.compare:
         options = {k: v for k, v in change.items() if k in ENGINE_KEYS}
         request = {k: v for k, v in change.items() if k not in ENGINE_KEYS}
@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         images, seconds = run(other, samples, args.size, request)
         rows.append({"run": ",".join(f"{k}={v}" for k, v in change.items()),
                      "accuracy": demo_eval.accuracy(samples, images), "psnr_db": demo_eval.psnr(exact, images),
-                     "s_per_image": seconds})
+                     "s_per_image": seconds, "scores": [demo_eval.score(s, i) for s, i in zip(samples, images)]})
     print(f"# {model.name}: {args.count} held-out prompts per mode, {args.size}x{args.size}, seeds 0..; "
           f"{engine.device}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
     print()
-    print("| run | " + " | ".join(f"{demo_eval.MODE_NAMES[m]} {f}" for m, f in COLUMNS) + " | PSNR vs exact dB | s/image |")
+    header = " | ".join(f"{demo_eval.MODE_NAMES[m]} {f}" for m, f in COLUMNS)
+    print(f"| run | {header} | PSNR vs exact dB | s/image |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for row in rows:
         acc = row["accuracy"]
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{demo_eval.MODE_NAMES[m]} {f} {v:.0f}% (>= {t}%: {'met' if v >= t else 'NOT met'})"
         for m, f, v, t in demo_eval.headline(rows[0]["accuracy"])))
     if args.json:
+        # each row's per-sample scores too (samples in held_out_set's order: mode by mode, seeds 0.. per mode)
         args.json.write_text(json.dumps({"model": str(model), "count": args.count, "size": args.size,
+                                         "prompts": [s.prompt for s in samples],
                                          "rows": [{**r, "psnr_db": None if math.isinf(r["psnr_db"]) else r["psnr_db"]}
                                                   for r in rows]}, indent=2) + "\n")
     met = all(v >= t for _, _, v, t in demo_eval.headline(rows[0]["accuracy"]))

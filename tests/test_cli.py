@@ -880,7 +880,7 @@ def test_train_lora_passes_its_arguments_to_hidream_train(capsys, run_lora_calls
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["train"], "error: train: missing what (one of lora)"),
+    (["train"], "error: train: missing what (one of lora, demo-model)"),
     (["train", "lora", "--output", "o.safetensors"], "error: train lora: missing --data"),
     (["train", "lora", "--data", "d"], "error: train lora: missing --output"),
     (["train", "lora", "--data", "d", "--output", "o.safetensors", "--rank", "big"],

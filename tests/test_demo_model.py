@@ -113,7 +113,38 @@ def test_a_time_limit_stops_a_run_that_resumes(tmp_path):
     assert run.step == 0 and not run.finished
 
 
+def test_stop_at_ends_at_that_step_of_the_schedule_and_exports_a_state(trained, tmp_path):
+    # the model of step 2 of the 4-step schedule, whatever the machine: the same weights as the full run's state
+    run = dm.train(tmp_path / "m", dm.TrainSettings(**FAST), TINY, stop_at=2, eval_every=0, save_every=2, log=None)
+    assert run.step == 2 and run.finished
+    np.testing.assert_allclose(run.losses, trained.losses[:2], rtol=1e-5)
+    # resuming a state with stop_at at its own step trains nothing and writes that state's weights
+    again = dm.train(tmp_path / "export", dm.TrainSettings(**FAST), TINY, stop_at=2, eval_every=0, log=None,
+                     resume=trained.checkpoints / "step-000002.pt")
+    assert again.step == 2 and again.losses == trained.losses[:2]
+    with safe_open(str(run.output / "model.safetensors"), "pt") as a, \
+            safe_open(str(again.output / "model.safetensors"), "pt") as b:
+        for name in ("model.x_embedder.proj1.weight", "model.final_layer2.linear.weight"):
+            torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="stop_at must be from 1 to steps"):
+        dm.train(tmp_path / "bad", dm.TrainSettings(**FAST), TINY, stop_at=5, log=None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_command_is_hidream_train_demo_model(tmp_path, capsys):
+    from hidream.cli import main
+
+    assert main(["train", "demo-model", "--out", tmp_path / "m", "--steps", "0"]) == 2
+    assert "hidream train demo-model: steps must be >= 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "demo-model", "--help"])
+    assert "--stop-at" in capsys.readouterr().out
+
+
 def test_the_written_directory_loads_and_generates(trained):
+    described = json.loads((trained.output / world.DESCRIPTION_FILE).read_text())
+    assert described == world.describe(SIZE) and described["size"] == SIZE
     assert trained.finished and len(trained.losses) == 4
     (evaluation,) = trained.evaluations
     assert set(evaluation.accuracy) == set(dm.MODES) and np.isfinite(evaluation.loss)

@@ -915,8 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_args(c)
     c.set_defaults(func=cmd_convert)
 
-    t = sub.add_parser("train", help="train an adapter on your own images: hidream train lora ...",
-                       description="Train an adapter of the model on a folder of images and captions.")
+    t = sub.add_parser("train", help="train an adapter on your own images (hidream train lora ...), or the demo "
+                                     "model (hidream train demo-model ...)",
+                       description="Train an adapter of the model on a folder of images and captions, or the demo "
+                                   "model from a seed.")
     what = t.add_subparsers(dest="train_command", required=True, metavar="what")
     tl = what.add_parser("lora", help="train a LoRA (a PEFT .safetensors file that --lora and the API apply)",
                          description="Train a LoRA on DIR: images with same-named .txt captions (text-to-image), "
@@ -925,10 +927,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with the model's official module names.")
     add_train_lora_args(tl)
     tl.set_defaults(func=cmd_train_lora)
+    # listed for `hidream train --help`; `run` hands its arguments to hidream.demo_model before parsing
+    what.add_parser("demo-model", help="train the demo model from a seed on the CPU (scripts/train-demo-model; "
+                                       "hidream train demo-model --help)")
     return parser
 
 
 def run(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:2] == ["train", "demo-model"]:  # its flags, --help included, are hidream.demo_model's own
+        from hidream.demo_model import main as train_demo_model
+
+        return train_demo_model(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command in ("generate", "submit"):
         check_prompt_given(args)

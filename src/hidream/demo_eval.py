@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,14 +63,16 @@ def held_out_set(count: int, seed: int = EVAL_SEED, modes: Sequence[str] = MODES
 
 
 def generate(engine, samples: Sequence[Sample], size: int = 256, **request) -> list[Image.Image]:
-    """Each sample drawn by `engine.generate` at size x size with seed = its index in `samples` and the other
-    GenerationRequest fields in `request` (none: the recipe's steps and guidance)."""
+    """Each sample drawn by `engine.generate` at size x size with seed = its index among the samples of its
+    mode (so a smaller set draws exactly the start of a larger one) and the other GenerationRequest fields in
+    `request` (none: the recipe's steps and guidance)."""
     from hidream.engine.pipeline import GenerationRequest
 
-    images = []
-    for i, s in enumerate(samples):
+    images, seen = [], Counter()
+    for s in samples:
         refs = [world.render(r, size) for r in s.references]
-        req = GenerationRequest(s.prompt, width=size, height=size, references=refs, seed=i, **request)
+        req = GenerationRequest(s.prompt, width=size, height=size, references=refs, seed=seen[s.mode], **request)
+        seen[s.mode] += 1
         images.append(engine.generate(req).images[0])
     return images
 

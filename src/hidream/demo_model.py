@@ -13,7 +13,7 @@ linear warm-up then cosine decay, gradients clipped at norm 1, float32 on the CP
 Files, for an output directory OUT:
     OUT/                    config.json, model.safetensors (bf16), tokenizer and processor files: `Engine.load(OUT)`
     OUT.checkpoints/        step-NNNNNN.pt: fp32 weights, AdamW's state, the step, the losses, the settings
-Run it: `scripts/train-demo-model` (python -m hidream.demo_model --help).
+Run it: `scripts/train-demo-model` (`hidream train demo-model --help`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from hidream.engine.demo_assets import write_demo_processor_config, write_demo_t
 
 STATE_FORMAT = "hidream-demo-train/1"
 KEEP_STATES = 2
-STOP_AT: int | None = None  # the shipped model: the state after this step of the default schedule
+STOP_AT: int | None = 4250  # the shipped model: the state after this step of the default schedule
 MAX_GRAD_NORM = 1.0
 MODES = demo_eval.MODES
 EMPTY_PROMPT = " "  # the guidance's unconditional prompt (hidream.engine.sequence.UNCONDITIONAL_PROMPT)
@@ -68,7 +68,7 @@ class TrainSettings:
     """How the demo model trains; `steps` fixes the schedule (and so the model), `minutes` only stops early."""
 
     seed: int = 0
-    steps: int = 8000  # about 90 minutes at 256x256 on 2 quiet cores (0.65 s/step)
+    steps: int = 5800  # the cosine's length; the shipped model stops at STOP_AT (about 100 minutes on 2 cores)
     resolution: int = 256
     batch: int = 8
     lr: float = 1e-3
@@ -411,13 +411,14 @@ def train(output: str | Path, settings: TrainSettings = TrainSettings(), shape: 
 def main(argv: list[str] | None = None) -> int:
     d = TrainSettings()
     parser = argparse.ArgumentParser(
-        prog="train-demo-model", description="Train the demo model (hidream.demo_model) from a seed on the CPU.")
+        prog="hidream train demo-model",
+        description="Train the demo model (hidream.demo_model) from a seed on the CPU.")
     parser.add_argument("--out", default="demo-model-trained", help="the checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--steps", type=int, default=d.steps, help="the schedule's length (fixes the model)")
-    parser.add_argument("--stop-at", type=int, default=STOP_AT,
-                        help="end after this step of the schedule, whatever the machine's speed (default: "
-                             f"{STOP_AT or 'the last'}, as the shipped model)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help=f"end after this step of the schedule, whatever the machine's speed (default: {STOP_AT} "
+                             f"with the default --steps {d.steps}, as the shipped model; else the last)")
     parser.add_argument("--minutes", type=float, default=115.0,
                         help="stop (resumable) after this long (default 115: within 2 hours, evaluations included)")
     parser.add_argument("--resolution", type=int, default=d.resolution)
@@ -440,14 +441,15 @@ def main(argv: list[str] | None = None) -> int:
                              lr=args.lr, warmup=args.warmup, schedule=args.schedule)
     shape = DemoShape(hidden=args.hidden, layers=args.layers)
     try:
-        run = train(Path(args.out).expanduser(), settings, shape, minutes=args.minutes, stop_at=args.stop_at,
-                    resume=args.resume,
-                    save_every=args.save_every, eval_every=args.eval_every or settings.steps,
+        stop_at = args.stop_at if args.stop_at is not None else STOP_AT if args.steps == d.steps else None
+        run = train(Path(args.out).expanduser(), settings, shape, minutes=args.minutes, stop_at=stop_at,
+                    resume=args.resume, save_every=args.save_every, eval_every=args.eval_every or settings.steps,
                     eval_count=args.eval_count, eval_steps=args.eval_steps)
     except ValueError as err:
-        print(f"train-demo-model: {err}", file=sys.stderr)
+        print(f"{parser.prog}: {err}", file=sys.stderr)
         return 2
-    state = "finished" if run.finished else f"stopped at step {run.step} of {settings.steps} (--resume to go on)"
+    end = stop_at or settings.steps
+    state = "finished" if run.finished else f"stopped at step {run.step} of {end} (--resume to go on)"
     print(f"{run.output}  ({state}; {run.seconds_per_step:.2f} s/step; checkpoints in {run.checkpoints})")
     return 0
 
