@@ -656,7 +656,8 @@ def test_models_list_the_live_workers_and_how_their_engines_run(make_service: Ca
         {"id": "w-both", "device": "cpu", "precision": None, "quantize": None, "offload": None, "variant": None},
     ]
     assert [w["id"] for w in data["other"]["workers"]] == ["w-both"]
-    assert set(data[MODEL]) == {"id", "aliases", "price_per_image_usd", "demo", "suggested", "parameters", "workers"}
+    assert set(data[MODEL]) == {"id", "aliases", "price_per_image_usd", "demo", "demo_world", "suggested",
+                                 "parameters", "workers"}
 
 
 def test_the_openapi_description_of_the_models_workers_is_valid(service: Service) -> None:
