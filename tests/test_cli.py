@@ -177,6 +177,16 @@ def test_edit_keeps_the_reference_aspect(tmp_path: Path, demo_checkpoint: Path, 
     assert f"{width}x{height}" in out
 
 
+def test_native_size_generates_at_the_nearest_native_size(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    output = tmp_path / "wide.png"
+    # (--steps 1 --guidance 1: one forward pass over the 3104x1312 target, to stay fast.)
+    out = generate(capsys, demo_checkpoint, output, "--size", "512x224", "--native-size", "--steps", "1",
+                   "--guidance", "1", "-q")
+    with Image.open(output) as im:
+        assert im.size == (3104, 1312)  # 512/224 = 2.29: nearest 3104x1312's 2.37
+    assert "3104x1312" in out
+
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
@@ -827,7 +837,9 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert bodies[-1]["loras"] == [{"path": "style.safetensors", "scale": 0.7},
                                    {"path": "https://host.test/x.safetensors", "scale": 1.0}]
     code, out, err = run_cli(capsys, *base)
-    assert code == 0 and "loras" not in bodies[-1]
+    assert code == 0 and "loras" not in bodies[-1] and "snap_to_native" not in bodies[-1]
+    code, out, err = run_cli(capsys, *base, "--native-size", "--size", "512x512")
+    assert code == 0 and bodies[-1]["snap_to_native"] is True and bodies[-1]["image_size"] == "512x512"
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)

@@ -34,16 +34,21 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "snap_to_native": "--native-size", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
                 "noise_clip_std": "--noise-clip-std", "loras": "--lora"}
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
-             "keep_original_aspect": "--keep-original-aspect", "output_format": "--format", "model": "--model",
+             "keep_original_aspect": "--keep-original-aspect", "snap_to_native": "--native-size",
+             "output_format": "--format", "model": "--model",
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
+
+NATIVE_SIZE_HELP = ("generate at the native size (one of the 11 the model was trained at, about 4 MP) nearest the "
+                    "aspect asked for (--size, or the reference's with --keep-original-aspect), as the official "
+                    "code always does: 512x512 becomes 2048x2048")
 
 def resolve_model(arg: str | None) -> tuple[Path, bool]:
     """(checkpoint, is_demo): --model, else $HIDREAM_MODEL, else the demo model shipped in the package."""
@@ -384,13 +389,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
-                        field="references")
+                        field="references", snap_to_native=args.native_size)
         engine = Engine.load(checkpoint, device=args.device, variant=args.variant, **engine_options(args))
         seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(
             prompt=args.prompt, width=width, height=height, references=references,
-            keep_original_aspect=args.keep_original_aspect, steps=args.steps, guidance=args.guidance,
-            shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
+            keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, steps=args.steps,
+            guidance=args.guidance, shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
             noise_clip_std=args.noise_clip_std, loras=loras,
         )
@@ -479,7 +484,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             prediction = client.submit(
                 args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
-                model=args.model, image_size=args.size, num_inference_steps=args.steps,
+                snap_to_native=args.native_size, model=args.model, image_size=args.size, num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
                 num_images=args.num_images or 1, webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
                 loras=[{"path": path, "scale": scale} for path, scale in args.lora or []],
@@ -804,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
+    g.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
     g.add_argument("--lora", type=_lora, action="append", metavar="FILE[:SCALE]",
                    help=f"apply a LoRA file (.safetensors with PEFT, kohya or LoKr keys) at SCALE, default 1.0 "
                         f"({LORA_SCALE_RULE.removeprefix('must be ')}; negative subtracts it); repeat --lora for "
@@ -820,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--ref or list several after one (a prompt after them needs -- before it)")
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
+    sm.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
     sm.add_argument("--lora", type=_lora, action="append", metavar="NAME[:SCALE]",
                     help="a LoRA the service serves (a name GET /api/v1/loras lists, or an https URL where the "
                          "service takes them) at SCALE, default 1.0; repeat --lora for several")

@@ -385,6 +385,8 @@ class SubmitOptions(TypedDict, total=False):
     - ``model``: a model id (default ``"hidream-o1-image"``).
     - ``image_size``: a preset (``"square_hd"``, ``"square"``, ``"landscape_4_3"``, ...), ``"WxH"``, or
       ``(width, height)``.
+    - ``snap_to_native``: generate at the native size nearest the aspect asked for (``image_size``, or the
+      reference's with ``keep_original_aspect``), as the official code does; ``prediction.input`` has the size made.
     - ``num_inference_steps``, ``guidance_scale``: sampler settings (default: the served recipe's).
     - ``seed``: 0 to 2**32-1 (default: random; the seed used is in ``prediction.input["seed"]``).
     - ``output_format``: ``"png"``, ``"jpeg"`` or ``"webp"``. ``num_images``: 1 to 4 (image i uses seed + i).
@@ -399,6 +401,7 @@ class SubmitOptions(TypedDict, total=False):
 
     model: str
     image_size: str | tuple[int, int] | None
+    snap_to_native: bool
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
@@ -995,6 +998,8 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
         body["reference_image_urls"] = builtins.list(urls)
     if keep_original_aspect:
         body["keep_original_aspect"] = True
+    if options.get("snap_to_native"):
+        body["snap_to_native"] = True
     if options.get("base64_output"):
         body["enable_base64_output"] = True
     if options.get("loras"):

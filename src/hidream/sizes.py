@@ -17,6 +17,12 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "landscape_4_3": (2304, 1728),
     "landscape_16_9": (2560, 1440),
 }
+# The 11 sizes the model was trained at (about 4 MP each), in the official code's order (`models/utils.py`),
+# which breaks ties between equally near aspects: the first wins.
+NATIVE_SIZES: tuple[tuple[int, int], ...] = (
+    (2048, 2048), (2304, 1728), (1728, 2304), (2560, 1440), (1440, 2560), (2496, 1664), (1664, 2496),
+    (3104, 1312), (1312, 3104), (2304, 1792), (1792, 2304),
+)
 SIZE_HELP = (f"one of {', '.join(SIZE_PRESETS)}, or WxH (also W*H) with {SIZE_RULE}; custom sides are "
              f"rounded to multiples of {MULTIPLE}")
 
@@ -46,6 +52,13 @@ def resolve_size(value: str | tuple[int, int], field: str = "size") -> tuple[int
         if size_problem(width, height) is None:
             return width, height
     raise InvalidRequestError(field, f"must be {SIZE_HELP} (got {_shown(value)})")
+
+
+def native_size(width: int, height: int) -> tuple[int, int]:
+    """The native size (`NATIVE_SIZES`) whose aspect ratio is nearest width/height, as the official code snaps
+    every request: the absolute difference of the ratios w/h, the first on a tie (so 512x512 gives 2048x2048)."""
+    ratio = width / height
+    return min(NATIVE_SIZES, key=lambda size: abs(size[0] / size[1] - ratio))  # min keeps the first on a tie
 
 
 def fit_size(width: int, height: int, side: int, multiple: int = MULTIPLE) -> tuple[int, int]:

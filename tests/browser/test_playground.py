@@ -242,6 +242,26 @@ def test_key_then_text_to_image_download_and_reuse(page: Page, server: Server, k
     expect(page.locator("#key-panel")).to_be_hidden()
 
 
+def test_native_size_shows_and_sends_the_size_it_makes(page: Page, server: Server, key: str) -> None:
+    sign_in(page, server, key)
+    native = page.get_by_label("Native size", exact=True)
+    expect(native).to_be_visible()
+    expect(native).not_to_be_checked()
+    small_run(page, "a lighthouse", steps=1, size=(512, 224))
+    expect(page.locator("#size-summary")).to_have_text("512 × 224 pixels, 0.1 megapixels")
+    native.check()  # 512/224: nearest the native 3104x1312
+    expect(page.locator("#size-summary")).to_have_text(
+        "3104 × 1312 pixels, 4.1 megapixels (the native size nearest the one chosen)")
+    page.get_by_label("Guidance", exact=True).fill("1")
+    generate(page)
+    wait_result(page)
+    assert natural_size(page) == (3104, 1312)
+    pred = predictions(server, key)[0]
+    assert pred["input"]["snap_to_native"] is True and pred["input"]["image_size"] == "512x224", pred["input"]
+    native.uncheck()
+    expect(page.locator("#size-summary")).to_have_text("512 × 224 pixels, 0.1 megapixels")
+
+
 def test_progress_previews_eta_and_cancel(page: Page, server: Server, key: str, screenshots: Path) -> None:
     sign_in(page, server, key)
     # long enough to be watched (100 steps at 1024x1024 on the CPU), then canceled

@@ -26,6 +26,7 @@ from hidream.engine.images import (
     to_tensor,
     unpatchify,
 )
+from hidream.sizes import NATIVE_SIZES, native_size
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -377,3 +378,40 @@ def test_plan_agrees_with_the_pixels(sizes, keep):
     w, h, refs, for_vit = prepare_references([noise(*s) for s in sizes], 1024, 768, keep)
     assert (plan.width, plan.height) == (w, h)
     assert plan.sizes == [r.size for r in refs] and plan.vit_sizes == [r.size for r in for_vit]
+
+
+def _official_snap(width: int, height: int) -> tuple[int, int]:
+    """The official code's loop over its table (models/utils.py, find_closest_resolution), written out."""
+    best, least = None, float("inf")
+    for w, h in NATIVE_SIZES:
+        diff = abs(w / h - width / height)
+        if diff < least:
+            best, least = (w, h), diff
+    return best
+
+
+def test_native_size_snaps_as_the_official_code_does():
+    assert len(NATIVE_SIZES) == 11 and len(set(NATIVE_SIZES)) == 11
+    assert all(3_600_000 <= w * h <= 4_200_000 and w % 32 == 0 == h % 32 for w, h in NATIVE_SIZES)  # ~4 MP
+    for size in NATIVE_SIZES:
+        assert native_size(*size) == size
+    assert native_size(512, 512) == (2048, 2048)
+    assert native_size(1024, 768) == (2304, 1728) and native_size(768, 1024) == (1728, 2304)
+    assert native_size(1920, 1080) == (2560, 1440) and native_size(1200, 800) == (2496, 1664)
+    assert native_size(2100, 900) == (3104, 1312) and native_size(64, 2048) == (1312, 3104)
+    # a tie (halfway between 1:1 and 2304x1792's 9:7) goes to the first in the table, as the official loop
+    ratio = (1 + 2304 / 1792) / 2
+    assert native_size(ratio * 7000, 7000) == _official_snap(ratio * 7000, 7000) == (2048, 2048)
+    for w in range(64, 4097, 32):
+        for h in (64, 512, 1000, 2048, 4096):
+            assert native_size(w, h) == _official_snap(w, h), (w, h)
+
+
+def test_plan_with_snap_to_native_sizes_the_references_for_the_native_size():
+    sizes = [(640, 480), (300, 900)]
+    snapped = images.plan_references(sizes, 512, 384, False, snap_to_native=True)
+    assert snapped == images.plan_references(sizes, 2304, 1728, False)
+    # keep_original_aspect (one reference): the reference's aspect, snapped
+    kept = images.plan_references([(3000, 1000)], 512, 512, True, snap_to_native=True)
+    assert kept == images.plan_references([(3000, 1000)], 3104, 1312, False)
+    assert images.plan_references([(3000, 1000)], 512, 512, True).width != 3104  # not snapped unless asked

@@ -135,6 +135,15 @@ def test_edit_output_size_with_and_without_keep_original_aspect(engine):
     assert two.images[0].size == (128, 64)  # ignored with more than one reference
 
 
+def test_snap_to_native_generates_the_nearest_native_size(engine):
+    wide = engine.generate(GenerationRequest("x", width=640, height=320, steps=1, guidance=1.0, snap_to_native=True))
+    assert wide.images[0].size == (2560, 1440) == (wide.width, wide.height)  # 2:1, nearest 16:9
+    ref = picture(300, 100)
+    kept = engine.generate(GenerationRequest("make it blue", width=128, height=64, steps=1, guidance=1.0,
+                                             references=[ref], keep_original_aspect=True, snap_to_native=True))
+    assert kept.images[0].size == (3104, 1312)  # the reference's 3:1, snapped
+
+
 @pytest.mark.parametrize("n_refs", [2, 10])
 def test_personalization(engine, n_refs):
     refs = [picture(64 + 8 * i, 96, i) for i in range(n_refs)]

@@ -115,6 +115,7 @@ def allow(make_service: Callable[..., Service]) -> Service:
     pytest.param({"num_images": 0}, "num_images", None, id="num-images-0"),
     pytest.param({"num_images": 5}, "num_images", None, id="num-images-5"),
     pytest.param({"keep_original_aspect": "yes"}, "keep_original_aspect", None, id="keep-aspect-string"),
+    pytest.param({"snap_to_native": "true"}, "snap_to_native", None, id="snap-to-native-string"),
     pytest.param({"reference_image_urls": [data_uri()] * 11}, "reference_image_urls", None, id="refs-11"),
     pytest.param({"reference_image_urls": "http://x/y.png"}, "reference_image_urls", None, id="refs-not-list"),
     pytest.param({"reference_image_urls": [7]}, "reference_image_urls[0]", None, id="refs-item-not-string"),
@@ -453,6 +454,23 @@ def test_keep_original_aspect(service: Service) -> None:
     # Ignored without exactly one reference.
     inp = assert_ok(service.submit(reference_image_urls=[ref, ref], keep_original_aspect=True))["input"]
     assert (inp["width"], inp["height"]) == (2304, 1728)
+
+
+def test_snap_to_native_makes_the_nearest_native_size_and_says_so(service: Service) -> None:
+    inp = assert_ok(service.submit(image_size="512x512", snap_to_native=True))["input"]
+    assert (inp["width"], inp["height"]) == (2048, 2048) and inp["snap_to_native"] is True
+    assert inp["image_size"] == "512x512"  # what was asked stays as given; width and height are what is made
+    inp = assert_ok(service.submit(image_size={"width": 1920, "height": 800}, snap_to_native=True))["input"]
+    assert (inp["width"], inp["height"]) == (3104, 1312)
+    # with keep_original_aspect the aspect is the reference's (300x100, 3:1: the widest native size)
+    ref = data_uri(png_bytes((300, 100)))
+    inp = assert_ok(service.submit(reference_image_urls=[ref], keep_original_aspect=True, snap_to_native=True))["input"]
+    assert (inp["width"], inp["height"]) == (3104, 1312)
+    # left out, nothing changes and the input does not carry the field
+    inp = assert_ok(service.submit(image_size="512x512"))["input"]
+    assert (inp["width"], inp["height"]) == (512, 512) and "snap_to_native" not in inp
+    params = assert_ok(service.client.get("/api/v1/models", headers=service.h1))[0]["parameters"]["snap_to_native"]
+    assert params["default"] is False and {"width": 3104, "height": 1312} in params["sizes"]
 
 
 def test_keep_original_aspect_extreme(service: Service) -> None:

@@ -243,6 +243,15 @@ def test_size_auto(queue: Server) -> None:
         assert (inp["width"], inp["height"]) == (2304, 1728) and inp["keep_original_aspect"] is False
 
 
+def test_snap_to_native_passes_through_json_and_forms(queue: Server) -> None:
+    client = queue.openai()
+    for call in (lambda: client.images.generate(prompt="x", size="512x512", extra_body={"snap_to_native": True}),
+                 lambda: client.images.edit(image=("a.png", picture(96, 64), "image/png"), prompt="x",
+                                            size="512x512", extra_body={"snap_to_native": "true"})):
+        inp = queue.prediction(timed_out(call)["prediction_id"])["input"]
+        assert (inp["width"], inp["height"]) == (2048, 2048) and inp["snap_to_native"] is True
+
+
 def test_fields_map_onto_the_task(queue: Server) -> None:
     client = queue.openai()
     ignored = {"quality": "high", "style": "vivid", "user": "u-1", "background": "opaque", "moderation": "low",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
 from hidream.rules import MULTIPLE, size_problem
-from hidream.sizes import fit_size
+from hidream.sizes import fit_size, native_size
 
 PATCH_SIZE = MULTIPLE
 CONDITION_IMAGE_SIZE = 384
@@ -130,11 +130,16 @@ class ReferencePlan:
 
 
 def plan_references(sizes: Sequence[tuple[int, int]], width: int, height: int, keep_original_aspect: bool,
-                    *, field: str = "images") -> ReferencePlan:
+                    *, field: str = "images", snap_to_native: bool = False) -> ReferencePlan:
     """The sizes of every reference and of the output, checked without touching a pixel (so a service can
-    refuse a request before it is queued); InvalidRequestError naming `field[i]` for an unusable reference."""
+    refuse a request before it is queued); InvalidRequestError naming `field[i]` for an unusable reference.
+    snap_to_native: the output is the native size nearest the aspect asked for (`sizes.native_size`), that
+    aspect being the reference's with keep_original_aspect (one reference); the references are sized for it."""
     count = len(sizes)
     keep = keep_original_aspect and count == 1
+    if snap_to_native:
+        width, height = native_size(*(sizes[0] if keep else (width, height)))
+        keep = False
     side = KEEP_ASPECT_SIDE if keep else reference_side(count, width, height)
     fitted = []
     for i, (w, h) in enumerate(sizes):
@@ -166,9 +171,11 @@ def prepare_references(
     keep_original_aspect: bool,
     *,
     field: str = "images",
+    snap_to_native: bool = False,
 ) -> tuple[int, int, list[Image.Image], list[Image.Image]]:
-    """Size the references for the target; returns (width, height, refs_resized, refs_for_vit)."""
-    plan = plan_references([img.size for img in images], width, height, keep_original_aspect, field=field)
+    """Size the references for the target (`plan_references`); returns (width, height, refs_resized, refs_for_vit)."""
+    plan = plan_references([img.size for img in images], width, height, keep_original_aspect, field=field,
+                           snap_to_native=snap_to_native)
     refs = [fit_to_area(img, plan.side) for img in images]
     for_vit = [ref.resize(size, resample=Image.LANCZOS) for ref, size in zip(refs, plan.vit_sizes, strict=True)]
     return plan.width, plan.height, refs, for_vit

@@ -62,6 +62,9 @@ class GenerationRequest:
     height: int = 2048
     references: Sequence[ImageInput] = ()
     keep_original_aspect: bool = False
+    # The native size nearest the aspect asked for (hidream.sizes.native_size), as the official code always
+    # does: 512x512 becomes 2048x2048 (the result's width and height say what was generated).
+    snap_to_native: bool = False
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -402,7 +405,8 @@ class Engine:
         sources = [img.load_image(r, f"references[{i}]") for i, r in enumerate(req.references)]
         recipe = self.resolve(req)
         width, height, refs, refs_vit = img.prepare_references(
-            sources, req.width, req.height, req.keep_original_aspect, field="references")
+            sources, req.width, req.height, req.keep_original_aspect, field="references",
+            snap_to_native=req.snap_to_native)
         steps, guidance, shift, scheduler = recipe.steps, recipe.guidance, recipe.shift, recipe.scheduler
         prompts = [req.prompt] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
         cond = self.conditioning(prompts, width, height, refs, refs_vit)

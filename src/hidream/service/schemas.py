@@ -45,7 +45,7 @@ from hidream.rules import (
     STEPS_RULE,
     TIMESTEPS_RULE,
 )
-from hidream.sizes import SIZE_PRESETS
+from hidream.sizes import NATIVE_SIZES, SIZE_PRESETS
 
 RULES = {
     "model": "is required: one of the ids GET /api/v1/models lists",
@@ -59,6 +59,7 @@ RULES = {
     "seed": SEED_RULE,
     "reference_image_urls": f"must be a list of 0 to {MAX_REFERENCES} URLs (http, https, data: or from uploadMedia)",
     "keep_original_aspect": "must be true or false",
+    "snap_to_native": "must be true or false",
     "num_images": IMAGES_RULE,
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
@@ -134,6 +135,11 @@ class GenerateImageRequest(BaseModel):
     seed: int = Field(RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED)
     reference_image_urls: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
     keep_original_aspect: bool = False
+    snap_to_native: bool = Field(
+        False, description="extension: generate at the native size (one of the 11 the model was trained at, "
+                           "about 4 MP) nearest the aspect asked for (image_size, or the reference's with "
+                           "keep_original_aspect), as the official code always does; the prediction's "
+                           "input.width and input.height say what was made")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
@@ -420,6 +426,8 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "seed": {"type": "integer", "default": RANDOM_SEED, "minimum": RANDOM_SEED, "maximum": MAX_SEED},
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
         "keep_original_aspect": {"type": "boolean", "default": False},
+        "snap_to_native": {"type": "boolean", "default": False, "extension": True,
+                           "sizes": [{"width": w, "height": h} for w, h in NATIVE_SIZES]},
         "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_IMAGES},
         "enable_sync_mode": {"type": "boolean", "default": False},
         "enable_base64_output": {"type": "boolean", "default": False},

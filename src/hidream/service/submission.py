@@ -98,7 +98,7 @@ def output_size(body: schemas.GenerateImageRequest, width: int, height: int, ref
     `field[i]` for a reference it would refuse), so that a queued task never fails on its input."""
     try:
         plan = plan_references([(info.width, info.height) for _, info in references], width, height,
-                               body.keep_original_aspect, field=field)
+                               body.keep_original_aspect, field=field, snap_to_native=body.snap_to_native)
     except InvalidRequestError as err:
         raise BadRequest(str(err)) from None
     return plan.width, plan.height
@@ -156,13 +156,15 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
     if body.timesteps is not None:
         steps = len(body.timesteps)
     unset = {name for name in schemas.EXTENSIONS if getattr(body, name) is None}  # stored only when given
-    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", *unset}) | {
+    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", "snap_to_native", *unset}) | {
         "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
         "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
         "num_inference_steps": body.num_inference_steps or steps,
         "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
     if lora_set.loras:  # stored only when given, so other predictions look as they did
         inp["loras"] = lora_set.echo()
+    if body.snap_to_native:  # likewise; width and height are the native size made
+        inp["snap_to_native"] = True
     try:
         for key, (data, _) in zip(ref_keys, references, strict=True):
             storage.put(key, data)

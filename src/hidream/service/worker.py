@@ -113,7 +113,8 @@ def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any
     lora_field = {"loras": loras} if loras else {}  # an engine that predates LoRAs runs the other tasks
     return GenerationRequest(
         prompt=inp["prompt"], width=inp["width"], height=inp["height"], references=references,
-        keep_original_aspect=inp["keep_original_aspect"], steps=inp["num_inference_steps"],
+        keep_original_aspect=inp["keep_original_aspect"], snap_to_native=inp.get("snap_to_native", False),
+        steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
         # extensions, stored only when a request gave them (tasks queued before them have none)
         scheduler=inp.get("scheduler"), timesteps=inp.get("timesteps"), noise_scale=inp.get("noise_scale"),

@@ -55,7 +55,8 @@ IGNORED = ("quality", "style", "user", "background", "moderation", "output_compr
            "safety_identifier", "partial_images")
 NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field, where they differ
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
-PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras")
+PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras",
+          "snap_to_native")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
 SQUARE = math.isqrt(MAX_AREA)
 SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
@@ -100,6 +101,9 @@ class OpenAIImageParams(BaseModel):
                                             description="extension: 1 to 100; default the recipe's")
     guidance_scale: float | None = Field(None, ge=MIN_GUIDANCE, le=MAX_GUIDANCE,
                                          description="extension: 1.0 to 20.0 (1.0: no guidance); default the recipe's")
+    snap_to_native: bool | None = Field(
+        None, description="extension: generate at the native size nearest the aspect asked for (the official "
+                          "code's snapping); the response's size is the one made")
     stream: Literal[False] | None = Field(None, description="only false: streaming is not supported")
     loras: list[schemas.LoraRef] | None = Field(
         None, max_length=schemas.MAX_LORAS,
@@ -241,7 +245,7 @@ def form_value(name: str, value: str | UploadFile) -> Any:
             return float(text)
         except ValueError:
             return value
-    if name == "stream" and text.lower() in ("true", "false"):
+    if name in ("stream", "snap_to_native") and text.lower() in ("true", "false"):
         return text.lower() == "true"
     if name == "loras":  # a form field holds text: the array as JSON
         try:

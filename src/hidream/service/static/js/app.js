@@ -24,6 +24,7 @@ const FIELDS = {
   reference_image_urls: ["ref-files", "refs-error"],
   file: ["ref-files", "refs-error"],
   keep_original_aspect: ["keep-aspect", "keep-aspect-error"],
+  snap_to_native: ["native-size", "native-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
   loras: ["lora-add", "lora-error"],
@@ -348,6 +349,8 @@ function buildForm() {
   });
 
   $("keep-aspect").addEventListener("change", () => { clearFieldError("keep-aspect"); updateSize(); });
+  $("native-field").hidden = !state.params.snap_to_native;
+  $("native-size").addEventListener("change", () => { clearFieldError("native-size"); updateSize(); });
 
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => setMode(radio.value));
@@ -439,6 +442,20 @@ function keepAspect() {
   return !$("keep-aspect-field").hidden && $("keep-aspect").checked;
 }
 
+// The native size nearest an aspect ratio, as the server snaps (the first of equally near ones).
+function nativeSize(ratio) {
+  let best = null;
+  for (const s of state.params.snap_to_native?.sizes || []) {
+    const diff = Math.abs(s.width / s.height - ratio);
+    if (!best || diff < best.diff) best = { ...s, diff };
+  }
+  return best;
+}
+
+function nativeChecked() {
+  return !$("native-field").hidden && $("native-size").checked;
+}
+
 function updateSize() {
   const checked = document.querySelector('input[name="size"]:checked');
   $("custom-size").hidden = checked?.value !== "custom";
@@ -449,10 +466,16 @@ function updateSize() {
   if (kept) {
     const ref = state.refs[0];
     box.style.aspectRatio = ref?.ratio ? `${ref.ratio}` : "1";
-    summary.textContent = "The reference's aspect ratio, about 4 megapixels.";
+    const native = nativeChecked() && ref?.ratio ? nativeSize(ref.ratio) : null;
+    summary.textContent = native ? `The reference's aspect ratio: made at ${native.width} × ${native.height} (native).`
+      : "The reference's aspect ratio, about 4 megapixels.";
     return;
   }
-  const [w, h] = currentSize();
+  let [w, h] = currentSize();
+  if (w > 0 && h > 0 && nativeChecked()) {
+    const native = nativeSize(w / h);
+    if (native) [w, h] = [native.width, native.height];
+  }
   if (!(w > 0 && h > 0)) {
     summary.textContent = "Enter a width and a height.";
     box.style.aspectRatio = "1";
@@ -461,7 +484,8 @@ function updateSize() {
   box.style.aspectRatio = `${w} / ${h}`;
   const mp = ((w * h) / 1e6).toFixed(w * h < 1e5 ? 2 : 1);
   let text = `${w} × ${h} pixels, ${mp} megapixels`;
-  if (checked.value === "custom"
+  if (nativeChecked()) text += " (the native size nearest the one chosen)";
+  else if (checked.value === "custom"
       && (String(w) !== $("width").value || String(h) !== $("height").value)) {
     text += " (after rounding)";
   }
@@ -812,6 +836,7 @@ function requestBody() {
     const seed = readNumber("seed", "seed");
     body.seed = seed === undefined ? -1 : seed;
   }
+  if (nativeChecked()) body.snap_to_native = true;
   const n = readNumber("num-images", "num_images");
   if (n !== undefined) body.num_images = n;
   if (state.mode !== "text-to-image") {
@@ -1201,6 +1226,7 @@ async function reopen(pred) {
   }
   setMode(inp.mode && MODE_NAMES[inp.mode] ? inp.mode : "text-to-image");
   $("keep-aspect").checked = Boolean(inp.keep_original_aspect);
+  $("native-size").checked = Boolean(inp.snap_to_native);
   const served = (inp.loras || []).filter((l) => state.loras.some((f) => f.name === l.path));
   state.loraRows = served.map((l) => ({ id: ++loraCounter, name: l.path, scale: String(l.scale) }));
   renderLoras();
