@@ -840,6 +840,9 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert code == 0 and "loras" not in bodies[-1] and "snap_to_native" not in bodies[-1]
     code, out, err = run_cli(capsys, *base, "--native-size", "--size", "512x512")
     assert code == 0 and bodies[-1]["snap_to_native"] is True and bodies[-1]["image_size"] == "512x512"
+    assert "refine_prompt" not in bodies[-1]
+    code, out, err = run_cli(capsys, *base, "--refine")
+    assert code == 0 and bodies[-1]["refine_prompt"] is True
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)

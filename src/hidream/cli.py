@@ -34,7 +34,7 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "snap_to_native": "--native-size", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "snap_to_native": "--native-size", "refine": "--refine", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
@@ -42,6 +42,7 @@ ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance"
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "snap_to_native": "--native-size",
+             "refine_prompt": "--refine",
              "output_format": "--format", "model": "--model",
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
@@ -386,6 +387,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refs = args.ref or []
     references = [load_image(path, f"--ref[{i}]") for i, path in enumerate(refs)]
     loras = lora_specs(args.lora or [])  # their files' headers, before the model loads
+    prompt = refined_prompt(args.prompt, len(references)) if args.refine else args.prompt
     try:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
@@ -393,7 +395,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine = Engine.load(checkpoint, device=args.device, variant=args.variant, **engine_options(args))
         seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(
-            prompt=args.prompt, width=width, height=height, references=references,
+            prompt=prompt, width=width, height=height, references=references,
             keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, steps=args.steps,
             guidance=args.guidance, shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
@@ -420,6 +422,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {engine.variant}/"
               f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))}{_loras_said(args.lora or [])})")
     return 0
+
+
+def refined_prompt(prompt: str, num_references: int) -> str:
+    """`generate --refine`: the HIDREAM_REFINE_* refiner's rewrite of the prompt (said on stderr), or the
+    prompt as given with a warning when the refiner fails."""
+    from hidream.refine import config_from_env, refine
+    from hidream.rules import mode_of
+
+    try:
+        config = config_from_env(os.environ)
+    except ValueError as err:
+        raise InvalidRequestError("--refine", str(err)) from None
+    if config is None:
+        raise InvalidRequestError("--refine", "needs a prompt refiner: set HIDREAM_REFINE_URL to an "
+                                              "OpenAI-compatible chat endpoint (and HIDREAM_REFINE_MODEL)")
+    result = refine(config, prompt, mode_of(num_references))
+    if result.refined is None:
+        print(f"warning: {result.warning}", file=sys.stderr)
+        return prompt
+    print(f"refined prompt: {result.refined}", file=sys.stderr)
+    return result.refined
 
 
 def submit_target(output: str, fmt: str | None, count: int) -> str | list[Path]:
@@ -484,7 +507,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             prediction = client.submit(
                 args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
-                snap_to_native=args.native_size, model=args.model, image_size=args.size, num_inference_steps=args.steps,
+                snap_to_native=args.native_size, refine_prompt=args.refine, model=args.model, image_size=args.size,
+                num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
                 num_images=args.num_images or 1, webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
                 loras=[{"path": path, "scale": scale} for path, scale in args.lora or []],
@@ -504,6 +528,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             prediction = client.wait(prediction, progress=not args.quiet)
         except KeyboardInterrupt:
             return cancel_on_interrupt(client, prediction.id)
+        if "refined_prompt" in prediction.input and not args.quiet:
+            print(f"refined prompt: {prediction.input['refined_prompt']}", file=sys.stderr)
+        for warning in prediction.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for path in client.download(prediction.raise_for_status(), target):
             print(path)
     return 0
@@ -657,7 +685,8 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "status": (*_DATABASE, "lease_s"),
 }
 # Secrets are read from a file or the environment, never from a flag's value (which `ps` shows to everyone).
-SECRET_FILE_FLAGS = {"secret": "--secret-file", "s3_secret_access_key": "--s3-secret-access-key-file"}
+SECRET_FILE_FLAGS = {"secret": "--secret-file", "s3_secret_access_key": "--s3-secret-access-key-file",
+                     "refine_key": "--refine-key-file"}
 _CHOICES = {"variant": ["full", "dev"], "dtype": list(DTYPES), "precision": list(PRECISIONS),
             "quantize": list(QUANTIZE), "offload": list(OFFLOAD)}
 _METAVARS = {"tokenizer": "DIR"}
@@ -810,6 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
     g.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
+    g.add_argument("--refine", action="store_true",
+                   help="rewrite the prompt into a detailed one first, with the OpenAI-compatible chat endpoint "
+                        "HIDREAM_REFINE_URL names (HIDREAM_REFINE_MODEL, _KEY, _TIMEOUT_S); printed on stderr, and "
+                        "the prompt is used as given, with a warning, when the refiner fails")
     g.add_argument("--lora", type=_lora, action="append", metavar="FILE[:SCALE]",
                    help=f"apply a LoRA file (.safetensors with PEFT, kohya or LoKr keys) at SCALE, default 1.0 "
                         f"({LORA_SCALE_RULE.removeprefix('must be ')}; negative subtracts it); repeat --lora for "
@@ -827,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
     sm.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
+    sm.add_argument("--refine", action="store_true",
+                    help="the service rewrites the prompt with its prompt refiner first (refine_prompt); the "
+                         "rewrite is printed on stderr")
     sm.add_argument("--lora", type=_lora, action="append", metavar="NAME[:SCALE]",
                     help="a LoRA the service serves (a name GET /api/v1/loras lists, or an https URL where the "
                          "service takes them) at SCALE, default 1.0; repeat --lora for several")

@@ -276,7 +276,8 @@ class Prediction:
 
     ``status`` goes ``created`` -> ``processing`` -> ``completed`` or ``failed``; a canceled prediction is
     ``failed`` with ``error == "canceled"``. ``outputs`` are URLs (or ``data:`` URIs) once completed.
-    ``webhook`` is None, or ``{"url", "state", "attempts"}`` when one was requested.
+    ``webhook`` is None, or ``{"url", "state", "attempts"}`` when one was requested. ``warnings``: what did
+    not go as asked though the prediction went on (a prompt refiner that failed).
     """
 
     id: str
@@ -293,6 +294,7 @@ class Prediction:
     timings: dict[str, Any]
     webhook: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
@@ -304,6 +306,7 @@ class Prediction:
             created_at=_timestamp(data.get("created_at")), started_at=_timestamp(data.get("started_at")),
             completed_at=_timestamp(data.get("completed_at")), urls=dict(data.get("urls") or {}),
             timings=dict(data.get("timings") or {}), webhook=data.get("webhook"), raw=dict(data),
+            warnings=[str(w) for w in data.get("warnings") or []],
         )
 
     @property
@@ -385,6 +388,8 @@ class SubmitOptions(TypedDict, total=False):
     - ``model``: a model id (default ``"hidream-o1-image"``).
     - ``image_size``: a preset (``"square_hd"``, ``"square"``, ``"landscape_4_3"``, ...), ``"WxH"``, or
       ``(width, height)``.
+    - ``refine_prompt``: rewrite the prompt with the service's prompt refiner first (``prediction.input`` keeps
+      ``prompt`` and gives ``refined_prompt``; a refiner that fails leaves the prompt as is, in ``warnings``).
     - ``snap_to_native``: generate at the native size nearest the aspect asked for (``image_size``, or the
       reference's with ``keep_original_aspect``), as the official code does; ``prediction.input`` has the size made.
     - ``num_inference_steps``, ``guidance_scale``: sampler settings (default: the served recipe's).
@@ -402,6 +407,7 @@ class SubmitOptions(TypedDict, total=False):
     model: str
     image_size: str | tuple[int, int] | None
     snap_to_native: bool
+    refine_prompt: bool
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
@@ -837,6 +843,11 @@ class Client:
                 return
             cursor = page.next_cursor
 
+    def refine_prompt(self, prompt: str, mode: str = "text-to-image") -> str:
+        """The service's prompt refiner's rewrite of `prompt` for `mode` (``"text-to-image"``, ``"edit"`` or
+        ``"personalization"``); ApiError 503 when it has none, 502 or 504 when the refiner failed."""
+        return str(self._data("POST", "/api/v1/prompt/refine", json={"prompt": prompt, "mode": mode})["refined_prompt"])
+
     def models(self) -> builtins.list[dict[str, Any]]:
         """The served models: ``id``, ``aliases``, ``parameters`` (types, defaults, ranges), ``price_per_image_usd``."""
         return builtins.list(self._data("GET", "/api/v1/models"))
@@ -1000,6 +1011,8 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
         body["keep_original_aspect"] = True
     if options.get("snap_to_native"):
         body["snap_to_native"] = True
+    if options.get("refine_prompt"):
+        body["refine_prompt"] = True
     if options.get("base64_output"):
         body["enable_base64_output"] = True
     if options.get("loras"):

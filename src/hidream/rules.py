@@ -159,3 +159,11 @@ def sampling_problem(recipe_scheduler: str, *, scheduler: object = None, steps: 
             return name, (f"is used only by the flash scheduler (this request samples with {chosen}); ask for "
                           "the flash scheduler or leave it out")
     return None
+
+
+MODES = ("text-to-image", "edit", "personalization")  # what 0, 1 and 2 or more references make
+
+
+def mode_of(num_references: int) -> str:
+    """The generation mode of a request with that many references."""
+    return MODES[min(num_references, 2)]

@@ -60,14 +60,17 @@ def write_loras(directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
     """`hidream serve` (API and in-process worker) for all the browser tests; a preview every 2 steps; two
-    LoRAs served (and a broken file the picker leaves out)."""
+    LoRAs served (and a broken file the picker leaves out); a prompt refiner (su.ChatServer) configured."""
     home = tmp_path_factory.mktemp("browser-home")
     procs = su.Processes(home.parent / (home.name + "-logs"))
+    chat = su.ChatServer()
     try:
-        env = su.service_env(home, demo_checkpoint, preview_every=2, lora_dir=write_loras(home / "loras"))
+        env = su.service_env(home, demo_checkpoint, preview_every=2, lora_dir=write_loras(home / "loras"),
+                             refine_url=chat.url, refine_timeout_s=5)
         yield Server(procs.serve(env), env)
     finally:
         procs.stop_all()
+        chat.close()
 
 
 @pytest.fixture(scope="module")

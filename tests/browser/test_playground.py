@@ -262,6 +262,27 @@ def test_native_size_shows_and_sends_the_size_it_makes(page: Page, server: Serve
     expect(page.locator("#size-summary")).to_have_text("512 × 224 pixels, 0.1 megapixels")
 
 
+def test_refine_sends_refine_prompt_and_shows_what_was_drawn(page: Page, server: Server, key: str) -> None:
+    sign_in(page, server, key)
+    refine = page.get_by_label("Refine the prompt", exact=True)
+    expect(refine).to_be_visible()
+    refine.check()
+    small_run(page, "a lighthouse", steps=1)
+    generate(page)
+    wait_result(page)
+    expect(page.locator("#result-meta")).to_contain_text("Refined prompt")
+    expect(page.locator("#result-meta")).to_contain_text("Refined: a lighthouse, in soft morning light")
+    pred = predictions(server, key)[0]
+    assert pred["input"]["prompt"] == "a lighthouse" and pred["input"]["refine_prompt"] is True, pred["input"]
+    assert pred["input"]["refined_prompt"] == "Refined: a lighthouse, in soft morning light"
+    # a refiner that fails: the image still comes, and the result says why the prompt was used as given
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse [500]")
+    generate(page)
+    expect(page.locator("#result-meta")).to_contain_text("the refiner answered HTTP 500", timeout=60_000)
+    wait_result(page)
+    assert "refined_prompt" not in predictions(server, key)[0]["input"]
+
+
 def test_progress_previews_eta_and_cancel(page: Page, server: Server, key: str, screenshots: Path) -> None:
     sign_in(page, server, key)
     # long enough to be watched (100 steps at 1024x1024 on the CPU), then canceled

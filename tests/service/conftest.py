@@ -29,6 +29,7 @@ from hidream.service.settings import Settings
 from hidream.service.storage import LocalStorage
 from hidream.service.store import Store
 from hidream.service.tables import tasks, uploads, usage
+from server_util import ChatServer  # tests/service/server_util.py
 
 MODEL = "hidream-o1-image"
 BASE_URL = "http://127.0.0.1:8000"  # Settings' default base_url (host 127.0.0.1, port 8000)
@@ -153,6 +154,16 @@ class ImageServer:
 def image_server() -> Iterator[ImageServer]:
     srv = ImageServer()
     srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="session")
+def chat_server() -> Iterator[ChatServer]:
+    """A prompt refiner's endpoint on loopback (server_util.ChatServer)."""
+    srv = ChatServer()
     try:
         yield srv
     finally:

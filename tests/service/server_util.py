@@ -6,6 +6,7 @@ failing test never leaves a server behind (terminate, wait, then kill).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -242,3 +243,84 @@ def procs(tmp_path):
         yield p
     finally:
         p.stop_all()
+
+
+class ChatServer:
+    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 (POST /v1/chat/completions) that plays a
+    prompt refiner, recording each request's body and headers (their names in lower case).
+
+    What it answers depends on the user message's text: `[500]` an HTTP 500, `[slow]` a delay of 3 s (or until
+    `stop`), `[text]` prose that is no JSON, `[fenced]` the JSON in a ```json fence after some words, `[shape]`
+    a body that is no chat completion, `[control]` a prompt with the model's control token, `[empty]` an empty
+    prompt; anything else `{"prompt": "Refined: <the request>, in soft morning light"}`.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _json(self, status: int, payload: Any) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+                with srv.lock:
+                    srv.requests.append({"path": self.path, "body": body,
+                                         "headers": {k.lower(): v for k, v in self.headers.items()}})
+                if self.path != "/v1/chat/completions":
+                    return self._json(404, {"error": {"message": "no such route"}})
+                user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+                request = user.partition("Request: ")[2]
+                if "[500]" in user:
+                    return self._json(500, {"error": {"message": "the model crashed"}})
+                if "[slow]" in user:
+                    srv.stop.wait(3.0)
+                if "[shape]" in user:
+                    return self._json(200, {"result": "a refined prompt"})
+                content = {
+                    "[text]": "Here is a nicer prompt: a fox at dawn.",
+                    "[fenced]": 'Sure.\n```json\n{"prompt": "Refined: a fox, fenced"}\n```',
+                    "[control]": json.dumps({"prompt": "a fox <|im_end|> at dawn"}),
+                    "[empty]": json.dumps({"prompt": "   "}),
+                }.get(next((k for k in ("[text]", "[fenced]", "[control]", "[empty]") if k in user), ""),
+                      json.dumps({"prompt": f"Refined: {request}, in soft morning light"}))
+                try:
+                    self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                                     "model": body.get("model", "served"),
+                                     "choices": [{"index": 0, "finish_reason": "stop",
+                                                  "message": {"role": "assistant", "content": content}}],
+                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                except OSError:  # the client gave up (timed out) meanwhile
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="chat-server", daemon=True)
+        self.thread.start()
+
+    def last(self) -> dict[str, Any]:
+        with self.lock:
+            return self.requests[-1]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

@@ -27,6 +27,7 @@ from hidream.service.routes import (
     openai,
     playground,
     predictions,
+    refine,
 )
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
@@ -35,8 +36,8 @@ from hidream.service.webhooks import WebhookSender
 from hidream.service.worker import Worker
 
 log = logging.getLogger("hidream.api")
-ROUTERS = (predictions.router, media.router, catalog.router, files.router, openai.router, health.router,
-           playground.router)
+ROUTERS = (predictions.router, media.router, catalog.router, files.router, openai.router, refine.router,
+           health.router, playground.router)
 
 
 class BodyLimit:

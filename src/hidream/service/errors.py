@@ -43,5 +43,15 @@ class TooManyRequests(ServiceError):
         self.retry_after = retry_after
 
 
+class BadGateway(ServiceError):
+    """A service this one depends on (the prompt refiner) answered with an error or nothing usable."""
+
+    status = 502
+
+
 class Unavailable(ServiceError):
     status = 503
+
+
+class GatewayTimeout(ServiceError):
+    status = 504

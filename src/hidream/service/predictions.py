@@ -47,6 +47,8 @@ class Renderer:
 
     def _render(self, row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, Any]:
         inp = row["input"]
+        warnings = inp.get("warnings", [])  # kept with the input, shown beside it
+        inp = {k: v for k, v in inp.items() if k != "warnings"}
         if row["status"] == "completed" and inp.get("enable_base64_output"):
             mime = MIME[inp["output_format"]]
             outputs = [f"data:{mime};base64,{base64.b64encode(self.storage.get(k)).decode()}" for k in row["outputs"]]
@@ -68,5 +70,5 @@ class Renderer:
             "has_nsfw_contents": [False] * len(outputs), "error": row["error"] or "",
             "created_at": iso(row["created_at"]), "started_at": iso(row["started_at"]),
             "completed_at": iso(row["completed_at"]), "timings": {"inference": row["inference_ms"]},
-            "progress": progress_of(row), "webhook": webhook,
+            "progress": progress_of(row), "webhook": webhook, "warnings": warnings,
         }

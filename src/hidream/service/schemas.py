@@ -32,6 +32,7 @@ from hidream.rules import (
     MAX_TIMESTEP,
     MIN_GUIDANCE,
     MIN_SIDE,
+    MODES,
     MULTIPLE,
     NOISE_CLIP_STD_RULE,
     NOISE_DEFAULTS,
@@ -60,6 +61,7 @@ RULES = {
     "reference_image_urls": f"must be a list of 0 to {MAX_REFERENCES} URLs (http, https, data: or from uploadMedia)",
     "keep_original_aspect": "must be true or false",
     "snap_to_native": "must be true or false",
+    "refine_prompt": "must be true or false",
     "num_images": IMAGES_RULE,
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
@@ -140,6 +142,10 @@ class GenerateImageRequest(BaseModel):
                            "about 4 MP) nearest the aspect asked for (image_size, or the reference's with "
                            "keep_original_aspect), as the official code always does; the prediction's "
                            "input.width and input.height say what was made")
+    refine_prompt: bool = Field(
+        False, description="extension: rewrite the prompt into a detailed one with the service's prompt refiner "
+                           "(an OpenAI-compatible chat model) before generating; input.refined_prompt is what was "
+                           "drawn, and a refiner that fails leaves the prompt as given with a warning")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
@@ -305,6 +311,7 @@ class Prediction(BaseModel):
     timings: Timings
     progress: Progress | None = None
     webhook: Webhook | None = None
+    warnings: list[str] = []  # what did not go as asked, though the prediction went on (a refiner that failed)
 
 
 class Envelope(BaseModel):
@@ -406,6 +413,32 @@ class ErrorEnvelope(Envelope):
     data: None = None
 
 
+REFINE_RULES = {"prompt": RULES["prompt"], "mode": f"must be one of {', '.join(MODES)}"}
+
+
+class RefineRequest(BaseModel):
+    """POST /api/v1/prompt/refine."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "text-to-image", description="what the prompt is for: the edit and personalization modes keep it an "
+                                     "instruction about the reference images")
+
+    _not_blank = field_validator("prompt")(GenerateImageRequest._not_blank.__func__)
+
+
+class Refined(BaseModel):
+    prompt: str = Field(description="the prompt as given")
+    refined_prompt: str = Field(description="the refiner's rewrite")
+    mode: str
+
+
+class RefineEnvelope(Envelope):
+    data: Refined
+
+
 def suggested_values(demo: bool) -> dict[str, Any]:
     """Values a client may preselect instead of the defaults: on the demo model its own size (seconds on a
     CPU); nothing on real weights. The defaults stay the contract's either way."""
@@ -426,6 +459,7 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "seed": {"type": "integer", "default": RANDOM_SEED, "minimum": RANDOM_SEED, "maximum": MAX_SEED},
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
         "keep_original_aspect": {"type": "boolean", "default": False},
+        "refine_prompt": {"type": "boolean", "default": False, "extension": True, "available": False},
         "snap_to_native": {"type": "boolean", "default": False, "extension": True,
                            "sizes": [{"width": w, "height": h} for w, h in NATIVE_SIZES]},
         "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_IMAGES},

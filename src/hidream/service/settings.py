@@ -100,6 +100,20 @@ class Settings:
     lora_urls: bool = False  # requests may also give https URLs of LoRAs (fetched at submit, cached by sha256)
     lora_max_bytes: int = 2_000_000_000  # the largest LoRA download
     lora_cache_bytes: int = 2 * 1024**3  # the worker's LRU of parsed LoRAs (engine.lora_cache.max_bytes)
+    refine_url: str | None = None  # an OpenAI-compatible chat endpoint for refine_prompt; None: refused
+    refine_model: str | None = None  # the model named in its requests; None: left out
+    refine_key: str | None = field(default=None, repr=False)  # its Bearer token
+    refine_timeout_s: float = 30.0
+
+    @property
+    def refiner(self):
+        """The prompt refiner's configuration (hidream.refine.RefinerConfig), or None when none is set."""
+        from hidream.refine import RefinerConfig
+
+        if not self.refine_url:
+            return None
+        return RefinerConfig(self.refine_url, self.refine_model or None, self.refine_key or None,
+                             self.refine_timeout_s)
 
     @property
     def base_url(self) -> str:
@@ -210,6 +224,7 @@ PARSERS: dict[str, Any] = {
     "rate_per_minute": int, "max_concurrent": int, "preview_every": int, "preview_size": int,
     "webhook_timeout_s": float, "webhook_retry_s": float, "webhook_give_up_s": float,
     "lora_dir": Path, "lora_urls": _bool, "lora_max_bytes": int, "lora_cache_bytes": int,
+    "refine_url": str, "refine_model": str, "refine_key": str, "refine_timeout_s": float,
 }
 ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
 
@@ -269,6 +284,11 @@ HELP: dict[str, str] = {
                  "cached by content hash",
     "lora_max_bytes": "largest LoRA download from a URL, in bytes",
     "lora_cache_bytes": "bytes of parsed LoRAs a worker keeps in memory (least recently used dropped first)",
+    "refine_url": "an OpenAI-compatible chat endpoint (base URL, e.g. http://127.0.0.1:8080/v1, or its "
+                  "/chat/completions address) that rewrites prompts for refine_prompt",
+    "refine_model": "the model the refiner's requests name",
+    "refine_key": "the refiner's API key (sent as a Bearer token)",
+    "refine_timeout_s": "how long a refinement may take, in seconds, before the prompt is used as given",
 }
 # Defaults that are not a plain value of `Settings`.
 _DEFAULT_SHOWN = {
@@ -282,6 +302,8 @@ _DEFAULT_SHOWN = {
     "fetch_allow": "none", "tokenizer": "the checkpoint's own",
     "lora_dir": "none: no LoRAs served", "lora_max_bytes": "2000000000 (2 GB)",
     "lora_cache_bytes": "2147483648 (2 GiB)",
+    "refine_url": "none: refine_prompt is refused", "refine_model": "none: left out of the request",
+    "refine_key": "none",
 }
 
 

@@ -21,7 +21,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from hidream.engine.errors import InvalidRequestError
 from hidream.engine.images import plan_references
-from hidream.rules import MAX_SEED, sampling_problem
+from hidream.refine import Refinement, refine_async
+from hidream.rules import MAX_SEED, mode_of, sampling_problem
 from hidream.service import loras, schemas
 from hidream.service.context import TERMINAL, ApiContext
 from hidream.service.errors import BadRequest, NotFound, Unavailable
@@ -122,6 +123,9 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
         raise BadRequest(f"model: must be one of {served} (got {body.model!r})")
     width, height = schemas.resolve_size(body.image_size)  # before any fetch: a bad size costs nothing
     check_sampling(settings, body, len(body.reference_image_urls) if references is None else len(references))
+    if body.refine_prompt and settings.refiner is None:
+        raise BadRequest("refine_prompt: this service has no prompt refiner (its operator sets HIDREAM_REFINE_URL); "
+                         "leave refine_prompt out")
     if idempotency is not None:  # a replay costs no fetch
         earlier = await run_in_threadpool(store.idempotent_task, key_id, *idempotency)
         if earlier is not None:
@@ -137,26 +141,30 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     # Last, as the largest fetch (a LoRA directory's names are checked before any download).
     lora_set = await loras.resolve(body.loras, settings, ctx.policy, storage)
     try:
+        # The refinement last of all: a request refused for its input costs no call to the refiner.
+        refinement = await refine_async(settings.refiner, body.prompt, mode_of(len(references))) \
+            if body.refine_prompt else None
         return await run_in_threadpool(_persist, ctx, key_id, body, model, width, height, references, shown_urls,
-                                       idempotency, lora_set)
+                                       idempotency, lora_set, refinement)
     finally:
         await run_in_threadpool(lora_set.discard)  # downloads that were not kept: the request failed
 
 
 def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, model: str, width: int, height: int,
              references: list[Reference], shown_urls: list[str] | None, idempotency: tuple[str, str] | None,
-             lora_set: loras.LoraSet) -> dict[str, Any]:
+             lora_set: loras.LoraSet, refinement: Refinement | None = None) -> dict[str, Any]:
     """The task's input, then its files and its row (blocking); a failure removes the files again."""
     settings, store, storage = ctx.settings, ctx.store, ctx.storage
     seed = body.seed if body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
-    mode = ("text-to-image", "edit")[len(references)] if len(references) < 2 else "personalization"
+    mode = mode_of(len(references))
     task_id = secrets.token_hex(16)
     ref_keys = [f"references/{task_id}/{i}.{EXTENSIONS[info.format]}" for i, (_, info) in enumerate(references)]
     steps, guidance = settings.recipe_defaults
     if body.timesteps is not None:
         steps = len(body.timesteps)
     unset = {name for name in schemas.EXTENSIONS if getattr(body, name) is None}  # stored only when given
-    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", "snap_to_native", *unset}) | {
+    inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", "snap_to_native", "refine_prompt",
+                                   *unset}) | {
         "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
         "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
         "num_inference_steps": body.num_inference_steps or steps,
@@ -165,6 +173,12 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         inp["loras"] = lora_set.echo()
     if body.snap_to_native:  # likewise; width and height are the native size made
         inp["snap_to_native"] = True
+    if refinement is not None:  # both texts kept: `prompt` as given, `refined_prompt` what is drawn
+        inp["refine_prompt"] = True
+        if refinement.refined is not None:
+            inp["refined_prompt"] = refinement.refined
+        if refinement.warning:
+            inp["warnings"] = [refinement.warning]
     try:
         for key, (data, _) in zip(ref_keys, references, strict=True):
             storage.put(key, data)

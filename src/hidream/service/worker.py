@@ -112,7 +112,9 @@ def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any
     inp = task["input"]
     lora_field = {"loras": loras} if loras else {}  # an engine that predates LoRAs runs the other tasks
     return GenerationRequest(
-        prompt=inp["prompt"], width=inp["width"], height=inp["height"], references=references,
+        # the refiner's rewrite where the request asked for one and got it (refine_prompt)
+        prompt=inp.get("refined_prompt", inp["prompt"]), width=inp["width"], height=inp["height"],
+        references=references,
         keep_original_aspect=inp["keep_original_aspect"], snap_to_native=inp.get("snap_to_native", False),
         steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],

@@ -18,6 +18,7 @@ def models(ctx: Ctx, key_id: Key):
     settings = ctx.settings
     world = settings.demo_world
     params, demo = schemas.parameter_schema(*settings.recipe_defaults), world is not None
+    params["refine_prompt"]["available"] = settings.refiner is not None
     live = ctx.store.live_workers(stale_after_s(settings.lease_s))
     return envelope([{"id": m, "aliases": [a for a, t in settings.aliases.items() if t == m],
                       "price_per_image_usd": settings.price_usd, "demo": demo, "demo_world": world,

@@ -56,7 +56,7 @@ IGNORED = ("quality", "style", "user", "background", "moderation", "output_compr
 NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field, where they differ
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
 PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras",
-          "snap_to_native")
+          "snap_to_native", "refine_prompt")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
 SQUARE = math.isqrt(MAX_AREA)
 SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
@@ -104,6 +104,9 @@ class OpenAIImageParams(BaseModel):
     snap_to_native: bool | None = Field(
         None, description="extension: generate at the native size nearest the aspect asked for (the official "
                           "code's snapping); the response's size is the one made")
+    refine_prompt: bool | None = Field(
+        None, description="extension: rewrite the prompt with the service's prompt refiner first; each image's "
+                          "revised_prompt is what was drawn")
     stream: Literal[False] | None = Field(None, description="only false: streaming is not supported")
     loras: list[schemas.LoraRef] | None = Field(
         None, max_length=schemas.MAX_LORAS,
@@ -117,6 +120,7 @@ KNOWN = frozenset(OpenAIImageParams.model_fields) | frozenset(IGNORED)
 class OpenAIImage(BaseModel):
     url: str | None = None
     b64_json: str | None = None
+    revised_prompt: str | None = Field(None, description="with refine_prompt: the refiner's rewrite, what was drawn")
 
 
 class OpenAIImagesResponse(BaseModel):
@@ -245,7 +249,7 @@ def form_value(name: str, value: str | UploadFile) -> Any:
             return float(text)
         except ValueError:
             return value
-    if name in ("stream", "snap_to_native") and text.lower() in ("true", "false"):
+    if name in ("stream", "snap_to_native", "refine_prompt") and text.lower() in ("true", "false"):
         return text.lower() == "true"
     if name == "loras":  # a form field holds text: the array as JSON
         try:
@@ -285,6 +289,8 @@ def images_response(api: ApiContext, row: dict[str, Any], response_format: Respo
         data = [{"b64_json": base64.b64encode(api.storage.get(key)).decode()} for key in row["outputs"]]
     else:
         data = [{"url": url} for url in api.renderer.one(row)["outputs"]]
+    if "refined_prompt" in inp:  # OpenAI's own field for the prompt its model rewrote
+        data = [item | {"revised_prompt": inp["refined_prompt"]} for item in data]
     return {"created": calendar.timegm(row["completed_at"].utctimetuple()), "data": data,
             "output_format": inp["output_format"], "size": f"{inp['width']}x{inp['height']}", "id": row["id"]}
 

@@ -25,6 +25,7 @@ const FIELDS = {
   file: ["ref-files", "refs-error"],
   keep_original_aspect: ["keep-aspect", "keep-aspect-error"],
   snap_to_native: ["native-size", "native-error"],
+  refine_prompt: ["refine", "refine-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
   loras: ["lora-add", "lora-error"],
@@ -350,6 +351,8 @@ function buildForm() {
 
   $("keep-aspect").addEventListener("change", () => { clearFieldError("keep-aspect"); updateSize(); });
   $("native-field").hidden = !state.params.snap_to_native;
+  $("refine-field").hidden = !state.params.refine_prompt?.available;
+  $("refine").addEventListener("change", () => clearFieldError("refine"));
   $("native-size").addEventListener("change", () => { clearFieldError("native-size"); updateSize(); });
 
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
@@ -837,6 +840,7 @@ function requestBody() {
     body.seed = seed === undefined ? -1 : seed;
   }
   if (nativeChecked()) body.snap_to_native = true;
+  if (!$("refine-field").hidden && $("refine").checked) body.refine_prompt = true;
   const n = readNumber("num-images", "num_images");
   if (n !== undefined) body.num_images = n;
   if (state.mode !== "text-to-image") {
@@ -1082,6 +1086,8 @@ function renderMeta(pred) {
   const inp = pred.input || {};
   const rows = [
     ["Mode", MODE_NAMES[inp.mode] || inp.mode],
+    ["Refined prompt", inp.refined_prompt],
+    ["Warning", (pred.warnings || []).join(" ")],
     ["Size", inp.width && `${inp.width} × ${inp.height}`],
     ["Steps", inp.num_inference_steps],
     ["Guidance", inp.guidance_scale],
@@ -1227,6 +1233,7 @@ async function reopen(pred) {
   setMode(inp.mode && MODE_NAMES[inp.mode] ? inp.mode : "text-to-image");
   $("keep-aspect").checked = Boolean(inp.keep_original_aspect);
   $("native-size").checked = Boolean(inp.snap_to_native);
+  $("refine").checked = Boolean(inp.refine_prompt);
   const served = (inp.loras || []).filter((l) => state.loras.some((f) => f.name === l.path));
   state.loraRows = served.map((l) => ({ id: ++loraCounter, name: l.path, scale: String(l.scale) }));
   renderLoras();
