@@ -161,6 +161,16 @@ def test_a_request_refused_for_its_input_costs_no_refinement(refining: Service, 
     assert chat_server.count() == calls
 
 
+def test_a_rate_limited_request_costs_no_refinement(make_service: Callable[..., Service],
+                                                   chat_server: ChatServer) -> None:
+    svc = make_service(refine_url=chat_server.url, refine_timeout_s=QUICK, rate_per_minute=1)
+    assert_ok(svc.submit(refine_prompt=True))
+    calls = chat_server.count()
+    resp = svc.submit(refine_prompt=True)
+    assert resp.status_code == 429 and "rate limit" in resp.json()["message"], resp.text
+    assert chat_server.count() == calls
+
+
 def test_the_models_route_says_whether_refinement_is_available(service: Service, refining: Service) -> None:
     for svc, available in ((service, False), (refining, True)):
         (model,) = assert_ok(svc.client.get("/api/v1/models", headers=svc.h1))

@@ -355,6 +355,12 @@ class Store:
                       "cancel_requested_at": None, "preview": None, "preview_step": None,
                       "webhook_state": None, "webhook_next_at": None}
 
+    def check_limits(self, key_id: str, limits: Limits = Limits()) -> None:
+        """TooManyRequests now if `insert_task` would refuse this key for its rate or concurrency (a check before
+        costly work, such as a prompt refinement; `insert_task` checks again, under the lock)."""
+        with self.engine.connect() as conn:
+            self._check_limits(conn, key_id, limits, utcnow())
+
     def idempotent_task(self, key_id: str, idempotency_key: str, request_hash: str) -> dict[str, Any] | None:
         """The task an Idempotency-Key of this API key made in the last 24 hours (Conflict for another body)."""
         with self.engine.connect() as conn:

@@ -141,9 +141,11 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     # Last, as the largest fetch (a LoRA directory's names are checked before any download).
     lora_set = await loras.resolve(body.loras, settings, ctx.policy, storage)
     try:
-        # The refinement last of all: a request refused for its input costs no call to the refiner.
-        refinement = await refine_async(settings.refiner, body.prompt, mode_of(len(references))) \
-            if body.refine_prompt else None
+        # The refinement last of all: a request refused for its input, or by a limit, costs no call to the refiner.
+        refinement = None
+        if body.refine_prompt:
+            await run_in_threadpool(store.check_limits, key_id, ctx.limits)
+            refinement = await refine_async(settings.refiner, body.prompt, mode_of(len(references)))
         return await run_in_threadpool(_persist, ctx, key_id, body, model, width, height, references, shown_urls,
                                        idempotency, lora_set, refinement)
     finally:
