@@ -187,6 +187,22 @@ def test_native_size_generates_at_the_nearest_native_size(tmp_path: Path, demo_c
     assert "3104x1312" in out
 
 
+def test_layout_boxes_one_per_reference(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    refs = [write_png(tmp_path / "a.png", (96, 64)), write_png(tmp_path / "b.png", (64, 96), (20, 90, 200))]
+    out = generate(capsys, demo_checkpoint, tmp_path / "laid.png", "--ref", *refs, "--layout", "0,0,0.5,1",
+                   "0.5,0.2,1,0.8", "--size", "128x64", "--steps", "1", "-q", prompt="the two side by side")
+    assert "128x64" in out and "personalization from 2 references" in out
+    for extra, message in [(["0,0,0.5,1"], "error: --layout: must have one box per reference image: 2 references, 1 box"),
+                           (["0,0,0.5,1", "0.5,0,1.5,1"], "error: --layout[1]: must be [x1, y1, x2, y2] with 0 <= x1")]:
+        code, _, err = run_cli(capsys, "generate", "--model", demo_checkpoint, "--ref", *refs, "--layout", *extra,
+                               "-o", tmp_path / "no.png", "--", "the two")
+        assert code == 2 and message in err, err
+        assert "Traceback" not in err and not (tmp_path / "no.png").exists()
+    with pytest.raises(SystemExit) as exit_:  # argparse's own error
+        main(["generate", "x", "--model", str(demo_checkpoint), "--layout", "0,0,0.5"])
+    assert exit_.value.code == 2 and "'0,0,0.5' is not a box x1,y1,x2,y2" in capsys.readouterr().err
+
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
@@ -843,6 +859,8 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert "refine_prompt" not in bodies[-1]
     code, out, err = run_cli(capsys, *base, "--refine")
     assert code == 0 and bodies[-1]["refine_prompt"] is True
+    code, out, err = run_cli(capsys, *base, "--ref", "https://host.test/a.png", "--layout", "0,0,0.5,1")
+    assert code == 0 and bodies[-1]["layout_boxes"] == [[0, 0, 0.5, 1]], err
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)

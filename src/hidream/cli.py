@@ -34,7 +34,7 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "snap_to_native": "--native-size", "refine": "--refine", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "snap_to_native": "--native-size", "refine": "--refine", "layout": "--layout", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
@@ -42,7 +42,7 @@ ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance"
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "snap_to_native": "--native-size",
-             "refine_prompt": "--refine",
+             "refine_prompt": "--refine", "layout_boxes": "--layout",
              "output_format": "--format", "model": "--model",
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
@@ -111,6 +111,23 @@ def _timesteps(raw: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 999,857,515,110 "
                                          f"(got {raw!r})") from None
+
+
+def _box(raw: str) -> tuple[float, ...]:
+    """--layout x1,y1,x2,y2 -> four numbers (their ranges are the engine's rule, checked with the references)."""
+    parts = raw.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a box x1,y1,x2,y2 (four numbers, fractions of the output)")
+    return values
+
+
+LAYOUT_HELP = ("one box x1,y1,x2,y2 per --ref, in the same order (fractions of the output, 0-1: 0,0,0.5,1 is the "
+               "left half): where each reference goes (the official code's [x1, x2, y1, y2] order becomes "
+               "x1,y1,x2,y2 here); at most 5")
 
 
 def _lora(raw: str) -> tuple[str, float]:
@@ -391,12 +408,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
-                        field="references", snap_to_native=args.native_size)
+                        field="references", snap_to_native=args.native_size, layout=args.layout)
         engine = Engine.load(checkpoint, device=args.device, variant=args.variant, **engine_options(args))
         seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(
             prompt=prompt, width=width, height=height, references=references,
-            keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, steps=args.steps,
+            keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, layout=args.layout,
+            steps=args.steps,
             guidance=args.guidance, shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
             noise_clip_std=args.noise_clip_std, loras=loras,
@@ -411,7 +429,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise InvalidRequestError("--model", str(err)) from None
     except InvalidRequestError as err:
-        named = [path for path, _ in args.lora or []] if err.field.startswith("loras") else refs
+        named = [path for path, _ in args.lora or []] if err.field.startswith("loras") else \
+            [] if err.field.startswith("layout") else refs
         raise as_flag_error(err.field, err.rule, ENGINE_FLAGS, named) from None
     for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
         try:
@@ -507,7 +526,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             prediction = client.submit(
                 args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
-                snap_to_native=args.native_size, refine_prompt=args.refine, model=args.model, image_size=args.size,
+                snap_to_native=args.native_size, refine_prompt=args.refine, layout_boxes=args.layout,
+                model=args.model, image_size=args.size,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
                 num_images=args.num_images or 1, webhook_url=args.webhook_url, idempotency_key=args.idempotency_key,
@@ -517,7 +537,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             base = (err.field or "").split("[")[0]
             if base not in API_FLAGS:
                 raise
-            named = [path for path, _ in args.lora or []] if base == "loras" else refs
+            named = [path for path, _ in args.lora or []] if base == "loras" else [] if base == "layout_boxes" else refs
             raise as_flag_error(err.field, _rule_of(err), API_FLAGS, named) from None
         if args.no_wait:
             print(prediction.id)
@@ -839,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
     g.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
+    g.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
     g.add_argument("--refine", action="store_true",
                    help="rewrite the prompt into a detailed one first, with the OpenAI-compatible chat endpoint "
                         "HIDREAM_REFINE_URL names (HIDREAM_REFINE_MODEL, _KEY, _TIMEOUT_S); printed on stderr, and "
@@ -860,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
     sm.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
+    sm.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
     sm.add_argument("--refine", action="store_true",
                     help="the service rewrites the prompt with its prompt refiner first (refine_prompt); the "
                          "rewrite is printed on stderr")

@@ -388,6 +388,7 @@ class SubmitOptions(TypedDict, total=False):
     - ``model``: a model id (default ``"hidream-o1-image"``).
     - ``image_size``: a preset (``"square_hd"``, ``"square"``, ``"landscape_4_3"``, ...), ``"WxH"``, or
       ``(width, height)``.
+    - ``layout_boxes``: one ``(x1, y1, x2, y2)`` box per reference (fractions of the output): where each goes.
     - ``refine_prompt``: rewrite the prompt with the service's prompt refiner first (``prediction.input`` keeps
       ``prompt`` and gives ``refined_prompt``; a refiner that fails leaves the prompt as is, in ``warnings``).
     - ``snap_to_native``: generate at the native size nearest the aspect asked for (``image_size``, or the
@@ -408,6 +409,7 @@ class SubmitOptions(TypedDict, total=False):
     image_size: str | tuple[int, int] | None
     snap_to_native: bool
     refine_prompt: bool
+    layout_boxes: Sequence[Sequence[float]] | None
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
@@ -1013,6 +1015,8 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
         body["snap_to_native"] = True
     if options.get("refine_prompt"):
         body["refine_prompt"] = True
+    if options.get("layout_boxes") is not None:
+        body["layout_boxes"] = [builtins.list(box) for box in options["layout_boxes"]]
     if options.get("base64_output"):
         body["enable_base64_output"] = True
     if options.get("loras"):

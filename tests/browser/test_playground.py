@@ -357,6 +357,30 @@ def test_edit_with_an_uploaded_reference(page: Page, server: Server, key: str, s
     shoot(page, screenshots, "edit")
 
 
+def test_layout_boxes_one_per_reference(page: Page, server: Server, key: str) -> None:
+    sign_in(page, server, key)
+    expect(page.locator("#layout-field")).to_be_hidden()  # text to image: no references, no layout
+    page.get_by_role("radio", name="Personalize").check()
+    drop_files(page, "#dropzone", {"a.png": picture(200, 200, seed=1), "b.png": picture(240, 160, seed=2)})
+    expect(page.locator("#refs li.ready")).to_have_count(2, timeout=30_000)
+    expect(page.locator("#layout-field")).to_be_visible()
+    small_run(page, "the two side by side", steps=1)
+    page.get_by_label("Reference 1", exact=True).fill("0, 0, 0.5, 1")
+    generate(page)  # half filled: refused in the page, at the box that is missing
+    expect(page.locator("#layout-error")).to_contain_text("reference 2 needs a box of four numbers")
+    expect(page.get_by_label("Reference 2", exact=True)).to_be_focused()
+    page.get_by_label("Reference 2", exact=True).fill("0.5, 0, 1.5, 1")
+    generate(page)  # the server's rule, at its box
+    expect(page.locator("#layout-error")).to_contain_text("layout_boxes[1]: must be [x1, y1, x2, y2]")
+    expect(page.get_by_label("Reference 2", exact=True)).to_have_attribute("aria-invalid", "true")
+    page.get_by_label("Reference 2", exact=True).fill("0.5 0 1 1")
+    generate(page)
+    wait_result(page)
+    pred = predictions(server, key)[0]
+    assert pred["input"]["layout_boxes"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]], pred["input"]
+    assert accessibility_problems(page) == []
+
+
 def test_personalize_drop_reorder_remove(page: Page, server: Server, key: str, screenshots: Path,
                                          tmp_path: Path) -> None:
     sign_in(page, server, key)

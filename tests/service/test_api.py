@@ -473,6 +473,25 @@ def test_snap_to_native_makes_the_nearest_native_size_and_says_so(service: Servi
     assert params["default"] is False and {"width": 3104, "height": 1312} in params["sizes"]
 
 
+def test_layout_boxes_are_checked_and_kept_for_the_worker(service: Service) -> None:
+    from hidream.service.worker import build_request
+
+    refs = [data_uri(png_bytes((64, 48))), data_uri(png_bytes((48, 64)))]
+    boxes = [[0, 0, 0.5, 1], [0.5, 0.25, 1, 0.75]]
+    data = assert_ok(service.submit(reference_image_urls=refs, layout_boxes=boxes, image_size="256x256"))
+    assert data["input"]["layout_boxes"] == boxes and data["input"]["mode"] == "personalization"
+    assert build_request(service.store.get_task(data["id"]), []).layout == boxes
+    assert "layout_boxes" not in assert_ok(service.submit(reference_image_urls=refs))["input"]  # stored when given
+    rejected(service, 400, "layout_boxes", reference_image_urls=refs, layout_boxes=boxes[:1])
+    rejected(service, 400, "layout_boxes", layout_boxes=boxes[:1])  # no reference
+    rejected(service, 400, "layout_boxes[1]", reference_image_urls=refs, layout_boxes=[boxes[0], [0.5, 0, 1.2, 1]])
+    rejected(service, 400, "layout_boxes[0]", reference_image_urls=refs, layout_boxes=[[0, 0, 1], boxes[1]])
+    rejected(service, 400, "layout_boxes", reference_image_urls=refs[:1], layout_boxes=boxes[:1],
+             keep_original_aspect=True)
+    rejected(service, 400, "layout_boxes", reference_image_urls=refs, layout_boxes="left, right")
+    rejected(service, 400, "layout_boxes", reference_image_urls=refs * 3, layout_boxes=boxes * 3)  # at most 5
+
+
 def test_keep_original_aspect_extreme(service: Service) -> None:
     ref = data_uri(png_bytes((5000, 1), mode="L"))
     rejected(service, 400, "reference_image_urls[0]", reference_image_urls=[ref], keep_original_aspect=True)

@@ -252,6 +252,18 @@ def test_snap_to_native_passes_through_json_and_forms(queue: Server) -> None:
         assert (inp["width"], inp["height"]) == (2048, 2048) and inp["snap_to_native"] is True
 
 
+def test_layout_boxes_pass_through_forms_as_json_text(queue: Server) -> None:
+    client = queue.openai()
+    images = [("a.png", picture(96, 64), "image/png"), ("b.png", picture(64, 96), "image/png")]
+    call = lambda: client.images.edit(image=images, prompt="x", size="256x256",  # noqa: E731
+                                      extra_body={"layout_boxes": "[[0, 0, 0.5, 1], [0.5, 0, 1, 1]]"})
+    inp = queue.prediction(timed_out(call)["prediction_id"])["input"]
+    assert inp["layout_boxes"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=images, prompt="x", size="256x256", extra_body={"layout_boxes": "[[0, 0, 0.5, 1]]"})
+    assert error_of(err.value)["param"] == "layout_boxes"
+
+
 def test_fields_map_onto_the_task(queue: Server) -> None:
     client = queue.openai()
     ignored = {"quality": "high", "style": "vivid", "user": "u-1", "background": "opaque", "moderation": "low",

@@ -15,6 +15,7 @@ from PIL import Image
 
 from hidream.engine.errors import InvalidRequestError
 from hidream.rules import MULTIPLE, size_problem
+from hidream.engine.layout import add_border, check_boxes, check_pixel_boxes, draw_layout
 from hidream.sizes import fit_size, native_size
 
 PATCH_SIZE = MULTIPLE
@@ -130,21 +131,34 @@ class ReferencePlan:
 
 
 def plan_references(sizes: Sequence[tuple[int, int]], width: int, height: int, keep_original_aspect: bool,
-                    *, field: str = "images", snap_to_native: bool = False) -> ReferencePlan:
+                    *, field: str = "images", snap_to_native: bool = False,
+                    layout: Sequence[Sequence[float]] | None = None, layout_field: str = "layout") -> ReferencePlan:
     """The sizes of every reference and of the output, checked without touching a pixel (so a service can
     refuse a request before it is queued); InvalidRequestError naming `field[i]` for an unusable reference.
     snap_to_native: the output is the native size nearest the aspect asked for (`sizes.native_size`), that
-    aspect being the reference's with keep_original_aspect (one reference); the references are sized for it."""
+    aspect being the reference's with keep_original_aspect (one reference); the references are sized for it.
+    layout: one box per reference (`hidream.engine.layout`), InvalidRequestError naming `layout_field` for a
+    broken rule; the layout image is one more reference, of the output's size, in the plan's last place."""
     count = len(sizes)
     keep = keep_original_aspect and count == 1
+    boxes = None if layout is None else check_boxes(layout, count, layout_field)
+    if boxes is not None and keep:
+        raise InvalidRequestError(layout_field, "cannot be combined with keep_original_aspect: the boxes are "
+                                                "fractions of an output size given in advance")
     if snap_to_native:
         width, height = native_size(*(sizes[0] if keep else (width, height)))
         keep = False
+    if boxes is not None:
+        check_pixel_boxes(boxes, width, height, layout_field)
+        sizes, count = [*sizes, (width, height)], count + 1
     side = KEEP_ASPECT_SIDE if keep else reference_side(count, width, height)
     fitted = []
     for i, (w, h) in enumerate(sizes):
         try:
-            fitted.append(fit_size(w, h, side))
+            size = fit_size(w, h, side)
+            if boxes is not None and i < len(boxes):  # the official layout path fits a bordered reference again
+                size = fit_size(*size, side)
+            fitted.append(size)
         except ValueError:
             raise InvalidRequestError(f"{field}[{i}]", f"a {w}x{h} image is too small or thin for a {side}px "
                                                        f"budget (a side would be under {PATCH_SIZE} pixels)") from None
@@ -172,11 +186,20 @@ def prepare_references(
     *,
     field: str = "images",
     snap_to_native: bool = False,
+    layout: Sequence[Sequence[float]] | None = None,
+    layout_field: str = "layout",
 ) -> tuple[int, int, list[Image.Image], list[Image.Image]]:
-    """Size the references for the target (`plan_references`); returns (width, height, refs_resized, refs_for_vit)."""
+    """Size the references for the target (`plan_references`); returns (width, height, refs_resized, refs_for_vit).
+    With `layout`: each reference bordered in its box's colour, then the layout image (`draw_layout`)."""
     plan = plan_references([img.size for img in images], width, height, keep_original_aspect, field=field,
-                           snap_to_native=snap_to_native)
+                           snap_to_native=snap_to_native, layout=layout, layout_field=layout_field)
     refs = [fit_to_area(img, plan.side) for img in images]
+    if layout is not None:
+        # As the official layout path: each fitted reference bordered, then fitted once more (which is not always
+        # the same size: the first fit's rounding changes the aspect a little), and the layout image fitted.
+        drawn, colours = draw_layout(check_boxes(layout, len(images), layout_field), plan.width, plan.height)
+        refs = [fit_to_area(add_border(ref, colour), plan.side) for ref, colour in zip(refs, colours, strict=True)]
+        refs.append(fit_to_area(drawn, plan.side))
     for_vit = [ref.resize(size, resample=Image.LANCZOS) for ref, size in zip(refs, plan.vit_sizes, strict=True)]
     return plan.width, plan.height, refs, for_vit
 

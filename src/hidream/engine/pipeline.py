@@ -65,6 +65,8 @@ class GenerationRequest:
     # The native size nearest the aspect asked for (hidream.sizes.native_size), as the official code always
     # does: 512x512 becomes 2048x2048 (the result's width and height say what was generated).
     snap_to_native: bool = False
+    # One (x1, y1, x2, y2) box per reference, fractions of the output (hidream.engine.layout): where each goes.
+    layout: Sequence[Sequence[float]] | None = None
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -406,7 +408,7 @@ class Engine:
         recipe = self.resolve(req)
         width, height, refs, refs_vit = img.prepare_references(
             sources, req.width, req.height, req.keep_original_aspect, field="references",
-            snap_to_native=req.snap_to_native)
+            snap_to_native=req.snap_to_native, layout=req.layout)
         steps, guidance, shift, scheduler = recipe.steps, recipe.guidance, recipe.shift, recipe.scheduler
         prompts = [req.prompt] + ([UNCONDITIONAL_PROMPT] if guidance > 1.0 else [])
         cond = self.conditioning(prompts, width, height, refs, refs_vit)

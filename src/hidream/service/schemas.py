@@ -46,6 +46,7 @@ from hidream.rules import (
     STEPS_RULE,
     TIMESTEPS_RULE,
 )
+from hidream.engine.layout import MAX_BOXES
 from hidream.sizes import NATIVE_SIZES, SIZE_PRESETS
 
 RULES = {
@@ -62,6 +63,8 @@ RULES = {
     "keep_original_aspect": "must be true or false",
     "snap_to_native": "must be true or false",
     "refine_prompt": "must be true or false",
+    "layout_boxes": f"must be a list of 1 to {MAX_BOXES} boxes [x1, y1, x2, y2], one per reference image, "
+                    "fractions of the output with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1",
     "num_images": IMAGES_RULE,
     "enable_sync_mode": "must be true or false",
     "enable_base64_output": "must be true or false",
@@ -142,6 +145,11 @@ class GenerateImageRequest(BaseModel):
                            "about 4 MP) nearest the aspect asked for (image_size, or the reference's with "
                            "keep_original_aspect), as the official code always does; the prediction's "
                            "input.width and input.height say what was made")
+    layout_boxes: list[list[float | int]] | None = Field(
+        None, max_length=MAX_BOXES,
+        description="extension: where each reference goes, one box [x1, y1, x2, y2] per reference image (the "
+                    "same index), fractions of the output (0-1); drawn for the model as the official layout "
+                    "conditioning")
     refine_prompt: bool = Field(
         False, description="extension: rewrite the prompt into a detailed one with the service's prompt refiner "
                            "(an OpenAI-compatible chat model) before generating; input.refined_prompt is what was "
@@ -460,6 +468,8 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
         "keep_original_aspect": {"type": "boolean", "default": False},
         "refine_prompt": {"type": "boolean", "default": False, "extension": True, "available": False},
+        "layout_boxes": {"type": "array", "default": None, "min_items": 1, "max_items": MAX_BOXES, "extension": True,
+                         "items": "[x1, y1, x2, y2], fractions of the output, one per reference"},
         "snap_to_native": {"type": "boolean", "default": False, "extension": True,
                            "sizes": [{"width": w, "height": h} for w, h in NATIVE_SIZES]},
         "num_images": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_IMAGES},

@@ -99,7 +99,8 @@ def output_size(body: schemas.GenerateImageRequest, width: int, height: int, ref
     `field[i]` for a reference it would refuse), so that a queued task never fails on its input."""
     try:
         plan = plan_references([(info.width, info.height) for _, info in references], width, height,
-                               body.keep_original_aspect, field=field, snap_to_native=body.snap_to_native)
+                               body.keep_original_aspect, field=field, snap_to_native=body.snap_to_native,
+                               layout=body.layout_boxes, layout_field="layout_boxes")
     except InvalidRequestError as err:
         raise BadRequest(str(err)) from None
     return plan.width, plan.height
@@ -173,6 +174,8 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
     if lora_set.loras:  # stored only when given, so other predictions look as they did
         inp["loras"] = lora_set.echo()
+    if body.layout_boxes is None:
+        del inp["layout_boxes"]  # likewise, stored only when given
     if body.snap_to_native:  # likewise; width and height are the native size made
         inp["snap_to_native"] = True
     if refinement is not None:  # both texts kept: `prompt` as given, `refined_prompt` what is drawn

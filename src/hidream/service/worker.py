@@ -116,6 +116,7 @@ def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any
         prompt=inp.get("refined_prompt", inp["prompt"]), width=inp["width"], height=inp["height"],
         references=references,
         keep_original_aspect=inp["keep_original_aspect"], snap_to_native=inp.get("snap_to_native", False),
+        layout=inp.get("layout_boxes"),
         steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
         # extensions, stored only when a request gave them (tasks queued before them have none)

@@ -26,6 +26,7 @@ const FIELDS = {
   keep_original_aspect: ["keep-aspect", "keep-aspect-error"],
   snap_to_native: ["native-size", "native-error"],
   refine_prompt: ["refine", "refine-error"],
+  layout_boxes: ["layout-0", "layout-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
   loras: ["lora-add", "lora-error"],
@@ -165,6 +166,14 @@ function showError(message, field = "") {
   let [controlId, errorId] = entry;
   if (base === "image_size" && $("custom-size").hidden) {
     controlId = document.querySelector('input[name="size"]:checked')?.id || controlId;
+  }
+  if (base === "layout_boxes") {
+    const index = /\[(\d+)\]/.exec(field);
+    controlId = `layout-${index ? index[1] : 0}`;
+    if (!$(controlId) || $("layout-field").hidden) {
+      $("form-error").textContent = message;
+      return false;
+    }
   }
   if (base === "model" && $("model-field").hidden) {
     $("form-error").textContent = message;
@@ -768,7 +777,42 @@ function renderRefs() {
   });
   const one = state.mode !== "text-to-image" && n === 1;
   $("keep-aspect-field").hidden = !one;
+  renderLayout();
   updateSize();
+}
+
+/** One box input per reference, in their order (a box follows its reference when it moves). */
+function renderLayout() {
+  const max = state.params?.layout_boxes?.max_items;
+  const boxes = $("layout-boxes");
+  boxes.replaceChildren();
+  const n = state.refs.length;
+  $("layout-field").hidden = !max || state.mode === "text-to-image" || n === 0 || n > max;
+  state.refs.forEach((ref, i) => {
+    const id = `layout-${i}`;
+    boxes.append(el("div", { class: "field inline" },
+      el("label", { for: id, text: `Reference ${i + 1}` }),
+      el("input", {
+        id, type: "text", inputmode: "decimal", value: ref.box || "", placeholder: "x1, y1, x2, y2",
+        "aria-describedby": "layout-hint layout-error", autocomplete: "off",
+        oninput: (e) => { ref.box = e.target.value; clearFieldError("layout-0"); e.target.removeAttribute("aria-invalid"); },
+      })));
+  });
+}
+
+/** The layout_boxes of the form: none when every box is empty; a ClientError for a half-filled or bad one. */
+function layoutBody() {
+  if ($("layout-field").hidden) return null;
+  const texts = state.refs.map((r) => (r.box || "").trim());
+  if (texts.every((t) => t === "")) return null;
+  return texts.map((text, i) => {
+    const parts = text.split(/[\s,]+/).filter(Boolean).map(Number);
+    if (parts.length !== 4 || parts.some((v) => !Number.isFinite(v))) {
+      throw new ClientError(`layout_boxes[${i}]`, `reference ${i + 1} needs a box of four numbers x1, y1, x2, y2 `
+        + "(fill every box, or none)");
+    }
+    return parts;
+  });
 }
 
 function setupDropzone() {
@@ -860,6 +904,8 @@ function requestBody() {
     }
     body.reference_image_urls = state.refs.map((r) => r.url);
     if (count === 1) body.keep_original_aspect = $("keep-aspect").checked;
+    const layout = layoutBody();
+    if (layout) body.layout_boxes = layout;
   }
   const loras = loraBody();
   if (loras.length) body.loras = loras;
