@@ -379,6 +379,11 @@ def test_layout_boxes_one_per_reference(page: Page, server: Server, key: str) ->
     pred = predictions(server, key)[0]
     assert pred["input"]["layout_boxes"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]], pred["input"]
     assert accessibility_problems(page) == []
+    # reopened after a reload, the run brings its boxes back with its references
+    page.reload()
+    page.get_by_role("button", name="Reopen: the two side by side", exact=True).click()
+    expect(page.get_by_label("Reference 1", exact=True)).to_have_value("0, 0, 0.5, 1")
+    expect(page.get_by_label("Reference 2", exact=True)).to_have_value("0.5, 0, 1, 1")
 
 
 def test_personalize_drop_reorder_remove(page: Page, server: Server, key: str, screenshots: Path,

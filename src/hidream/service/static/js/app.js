@@ -136,8 +136,9 @@ class ClientError extends Error {
 function clearErrors() {
   for (const [control, error] of Object.values(FIELDS)) {
     $(error).textContent = "";
-    $(control).removeAttribute("aria-invalid");
+    $(control)?.removeAttribute("aria-invalid"); // (a layout box exists only with references)
   }
+  for (const input of $("layout-boxes").querySelectorAll("input")) input.removeAttribute("aria-invalid");
   for (const id of ["height", "api-key"]) $(id).removeAttribute("aria-invalid");
   $("form-error").textContent = "";
   for (const li of $("refs").children) li.classList.remove("invalid");
@@ -148,7 +149,7 @@ function clearFieldError(control) {
   for (const [c, error] of Object.values(FIELDS)) {
     if (c === control || (control === "height" && c === "width")) {
       $(error).textContent = "";
-      $(c).removeAttribute("aria-invalid");
+      $(c)?.removeAttribute("aria-invalid");
       $("height").removeAttribute("aria-invalid");
     }
   }
@@ -1267,15 +1268,16 @@ async function reopen(pred) {
   for (const ref of state.refs.splice(0)) dropRef(ref);
   const urls = inp.reference_image_urls || [];
   let skipped = 0;
-  for (const url of urls) {
+  urls.forEach((url, i) => {
     if (/^https?:/.test(url)) {
-      const ref = { id: ++refCounter, name: "", thumb: local(url), url, status: "ready" };
+      const box = inp.layout_boxes?.[i];
+      const ref = { id: ++refCounter, name: "", thumb: local(url), url, status: "ready", box: box ? box.join(", ") : "" };
       state.refs.push(ref);
       measure(ref);
     } else {
       skipped += 1;
     }
-  }
+  });
   setMode(inp.mode && MODE_NAMES[inp.mode] ? inp.mode : "text-to-image");
   $("keep-aspect").checked = Boolean(inp.keep_original_aspect);
   $("native-size").checked = Boolean(inp.snap_to_native);
