@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/demo_model.py                                # 100 held-out prompts per mode
     .venv/bin/python benchmarks/demo_model.py --compare steps=20 --compare quantize=fp8
+    .venv/bin/python benchmarks/demo_model.py --count 20 --compare seam_smoothing=0.8:1:2
 
 Draws a fixed, seeded set of held-out prompts per mode (`hidream.demo_eval.held_out_set`: combinations of
 shape, colour and background never seen in training) through `Engine.generate` at the recipe's default steps
@@ -9,7 +10,9 @@ and guidance (the exact path), reads each image back with the world's evaluator,
 table with the targets of issue 14. Each `--compare KEY=VALUE[,KEY=VALUE]` draws the same set again with the
 change (a GenerationRequest field such as steps, guidance, scheduler; or an Engine.load option: quantize,
 precision, offload, compile) and reports its accuracy and its PSNR against the exact path's images, so a
-speed-up that breaks prompt following shows up. s/image is the mean wall time per image.
+speed-up that breaks prompt following shows up. s/image is the mean wall time per image; grid is the mean
+`hidream.engine.seams.grid_ratio` of the images (about 1: no patch grid; above it, 32-pixel seams), and
+`seam_smoothing=START:END:PASSES` a request's patch seam smoothing.
 """
 
 from __future__ import annotations
@@ -54,6 +57,23 @@ def _value(text: str) -> object:
     return text
 
 
+def request_fields(change: dict[str, object]) -> dict[str, object]:
+    """The GenerationRequest fields of a change: seam_smoothing's START:END:PASSES made a SeamSmoothing."""
+    from hidream.engine.seams import SeamSmoothing
+
+    out = {k: v for k, v in change.items() if k not in ENGINE_KEYS}
+    if "seam_smoothing" in out:
+        start, end, passes = str(out["seam_smoothing"]).split(":")
+        out["seam_smoothing"] = SeamSmoothing(float(start), float(end), int(passes))
+    return out
+
+
+def grid(images) -> float:
+    from hidream.engine.seams import grid_ratio
+
+    return sum(grid_ratio(i) for i in images) / len(images)
+
+
 def load(model: Path, device: str, options: dict[str, object]):
     from hidream.engine.pipeline import Engine
 
@@ -89,26 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     engine = load(model, args.device, base_options)
     exact, seconds = run(engine, samples, args.size, {})
     rows = [{"run": "exact (recipe defaults)", "accuracy": demo_eval.accuracy(samples, exact), "psnr_db": math.inf,
-             "s_per_image": seconds, "scores": [demo_eval.score(s, i) for s, i in zip(samples, exact)]}]
+             "s_per_image": seconds, "grid": grid(exact),
+             "scores": [demo_eval.score(s, i) for s, i in zip(samples, exact)]}]
     for change in args.compare:
         options = {k: v for k, v in change.items() if k in ENGINE_KEYS}
-        request = {k: v for k, v in change.items() if k not in ENGINE_KEYS}
+        request = request_fields(change)
         other = load(model, args.device, {**base_options, **options}) if options else engine
         images, seconds = run(other, samples, args.size, request)
         rows.append({"run": ",".join(f"{k}={v}" for k, v in change.items()),
                      "accuracy": demo_eval.accuracy(samples, images), "psnr_db": demo_eval.psnr(exact, images),
-                     "s_per_image": seconds, "scores": [demo_eval.score(s, i) for s, i in zip(samples, images)]})
+                     "s_per_image": seconds, "grid": grid(images),
+                     "scores": [demo_eval.score(s, i) for s, i in zip(samples, images)]})
     print(f"# {model.name}: {args.count} held-out prompts per mode, {args.size}x{args.size}, seeds 0..; "
           f"{engine.device}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
     print()
     header = " | ".join(f"{demo_eval.MODE_NAMES[m]} {f}" for m, f in COLUMNS)
-    print(f"| run | {header} | PSNR vs exact dB | s/image |")
-    print("|---" * (len(COLUMNS) + 3) + "|")
+    print(f"| run | {header} | PSNR vs exact dB | grid | s/image |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
     for row in rows:
         acc = row["accuracy"]
         cells = [f"{acc[m][f]:.0f}%" for m, f in COLUMNS]
         psnr = "exact" if math.isinf(row["psnr_db"]) else f"{row['psnr_db']:.1f}"
-        print(f"| {row['run']} | " + " | ".join(cells) + f" | {psnr} | {row['s_per_image']:.2f} |")
+        print(f"| {row['run']} | " + " | ".join(cells) + f" | {psnr} | {row['grid']:.2f} | {row['s_per_image']:.2f} |")
     print()
     print("Targets (exact path): " + "; ".join(
         f"{demo_eval.MODE_NAMES[m]} {f} {v:.0f}% (>= {t}%: {'met' if v >= t else 'NOT met'})"

@@ -203,6 +203,19 @@ def test_layout_boxes_one_per_reference(tmp_path: Path, demo_checkpoint: Path, c
     assert exit_.value.code == 2 and "'0,0,0.5' is not a box x1,y1,x2,y2" in capsys.readouterr().err
 
 
+def test_seam_smoothing_flag(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
+    out = generate(capsys, demo_checkpoint, tmp_path / "s.png", "--size", "128x128", "--steps", "5", "-q",
+                   "--seam-smoothing")  # the defaults: the last 20% of 5 steps, 2 passes
+    assert "seam smoothing: 1 extra forwards" in out, out
+    out = generate(capsys, demo_checkpoint, tmp_path / "t.png", "--size", "128x128", "--steps", "4", "-q",
+                   "--seam-smoothing", "0.5,1,4")
+    assert "seam smoothing: 6 extra forwards" in out, out
+    code, _, err = run_cli(capsys, "generate", "x", "--model", demo_checkpoint, "--seam-smoothing", "0.9,0.5",
+                           "-o", tmp_path / "no.png")
+    assert code == 2 and "error: --seam-smoothing: start and end: fractions of the schedule" in err, err
+    assert not (tmp_path / "no.png").exists()
+
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
@@ -861,6 +874,9 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert code == 0 and bodies[-1]["refine_prompt"] is True
     code, out, err = run_cli(capsys, *base, "--ref", "https://host.test/a.png", "--layout", "0,0,0.5,1")
     assert code == 0 and bodies[-1]["layout_boxes"] == [[0, 0, 0.5, 1]], err
+    assert "seam_smoothing" not in bodies[-1]
+    code, out, err = run_cli(capsys, *base, "--seam-smoothing", "0.7,1,4")
+    assert code == 0 and bodies[-1]["seam_smoothing"] == {"start": 0.7, "end": 1.0, "passes": 4}, err
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)

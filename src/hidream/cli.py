@@ -34,7 +34,7 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "snap_to_native": "--native-size", "refine": "--refine", "layout": "--layout", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "snap_to_native": "--native-size", "refine": "--refine", "layout": "--layout", "seam_smoothing": "--seam-smoothing", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
@@ -42,7 +42,7 @@ ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance"
 API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "snap_to_native": "--native-size",
-             "refine_prompt": "--refine", "layout_boxes": "--layout",
+             "refine_prompt": "--refine", "layout_boxes": "--layout", "seam_smoothing": "--seam-smoothing",
              "output_format": "--format", "model": "--model",
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
@@ -123,6 +123,24 @@ def _box(raw: str) -> tuple[float, ...]:
     if len(values) != 4:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a box x1,y1,x2,y2 (four numbers, fractions of the output)")
     return values
+
+
+def _seams(raw: str) -> dict[str, float | int]:
+    """--seam-smoothing [START,END,PASSES] -> the API's object (its ranges checked by the engine's rule)."""
+    parts = [p.strip() for p in raw.split(",")] if raw else []
+    try:
+        if not 1 <= len(parts) <= 3 or not parts[0]:
+            raise ValueError
+        values = [float(parts[0]), *(float(p) for p in parts[1:2]), *(int(p) for p in parts[2:3])]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not START[,END[,PASSES]] (fractions of the schedule, then "
+                                         "2, 4 or 8 passes)") from None
+    return dict(zip(("start", "end", "passes"), values, strict=False))
+
+
+SEAMS_HELP = ("patch seam smoothing: on the steps from START to END (fractions of the schedule, default 0.8,1.0) "
+              "average the prediction over PASSES patch grids (2, 4 or 8, default 2) shifted by part of a patch, "
+              "against 32-pixel grid seams; PASSES - 1 extra forwards on each of those steps. Alone: the defaults")
 
 
 LAYOUT_HELP = ("one box x1,y1,x2,y2 per --ref, in the same order (fractions of the output, 0-1: 0,0,0.5,1 is the "
@@ -392,6 +410,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hidream.engine.config import detect_variant, recipe_for
     from hidream.engine.images import load_image, plan_references
     from hidream.engine.pipeline import Engine, GenerationRequest
+    from hidream.engine.seams import SeamSmoothing
 
     checkpoint, is_demo = resolve_model(args.model)
     # The flash-only noise flags against the recipe's scheduler, before the model loads (minutes for the real one)
@@ -409,12 +428,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # The references' sizes are checked before the model loads (minutes for the real one).
         plan_references([image.size for image in references], width, height, args.keep_original_aspect,
                         field="references", snap_to_native=args.native_size, layout=args.layout)
+        seams = SeamSmoothing(**args.seam_smoothing) if args.seam_smoothing is not None else None
+        if seams is not None and (problem := seams.problem()) is not None:
+            raise InvalidRequestError("seam_smoothing", problem)
         engine = Engine.load(checkpoint, device=args.device, variant=args.variant, **engine_options(args))
         seed = args.seed if args.seed != RANDOM_SEED else secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(
             prompt=prompt, width=width, height=height, references=references,
             keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, layout=args.layout,
-            steps=args.steps,
+            seam_smoothing=seams, steps=args.steps,
             guidance=args.guidance, shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
             noise_clip_std=args.noise_clip_std, loras=loras,
@@ -439,7 +461,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
         print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {engine.variant}/"
-              f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))}{_loras_said(args.lora or [])})")
+              f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))}{_loras_said(args.lora or [])}"
+              f"{f', seam smoothing: {result.extra_forwards} extra forwards' if seams is not None else ''})")
     return 0
 
 
@@ -527,6 +550,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             prediction = client.submit(
                 args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
                 snap_to_native=args.native_size, refine_prompt=args.refine, layout_boxes=args.layout,
+                seam_smoothing=args.seam_smoothing,
                 model=args.model, image_size=args.size,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
@@ -860,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
     g.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
     g.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
+    g.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
+                   help=SEAMS_HELP)
     g.add_argument("--refine", action="store_true",
                    help="rewrite the prompt into a detailed one first, with the OpenAI-compatible chat endpoint "
                         "HIDREAM_REFINE_URL names (HIDREAM_REFINE_MODEL, _KEY, _TIMEOUT_S); printed on stderr, and "
@@ -882,6 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with one reference: the output takes its aspect ratio")
     sm.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
     sm.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
+    sm.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
+                    help=SEAMS_HELP)
     sm.add_argument("--refine", action="store_true",
                     help="the service rewrites the prompt with its prompt refiner first (refine_prompt); the "
                          "rewrite is printed on stderr")

@@ -388,6 +388,8 @@ class SubmitOptions(TypedDict, total=False):
     - ``model``: a model id (default ``"hidream-o1-image"``).
     - ``image_size``: a preset (``"square_hd"``, ``"square"``, ``"landscape_4_3"``, ...), ``"WxH"``, or
       ``(width, height)``.
+    - ``seam_smoothing``: ``True`` (the defaults) or ``{"start": 0.8, "end": 1.0, "passes": 2}``: average the late
+      steps over patch grids shifted by part of a patch, against grid seams.
     - ``layout_boxes``: one ``(x1, y1, x2, y2)`` box per reference (fractions of the output): where each goes.
     - ``refine_prompt``: rewrite the prompt with the service's prompt refiner first (``prediction.input`` keeps
       ``prompt`` and gives ``refined_prompt``; a refiner that fails leaves the prompt as is, in ``warnings``).
@@ -410,6 +412,7 @@ class SubmitOptions(TypedDict, total=False):
     snap_to_native: bool
     refine_prompt: bool
     layout_boxes: Sequence[Sequence[float]] | None
+    seam_smoothing: bool | Mapping[str, Any] | None
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
@@ -1015,6 +1018,9 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
         body["snap_to_native"] = True
     if options.get("refine_prompt"):
         body["refine_prompt"] = True
+    if options.get("seam_smoothing"):
+        seams = options["seam_smoothing"]
+        body["seam_smoothing"] = {} if seams is True else dict(seams)
     if options.get("layout_boxes") is not None:
         body["layout_boxes"] = [builtins.list(box) for box in options["layout_boxes"]]
     if options.get("base64_output"):

@@ -262,6 +262,19 @@ def test_native_size_shows_and_sends_the_size_it_makes(page: Page, server: Serve
     expect(page.locator("#size-summary")).to_have_text("512 × 224 pixels, 0.1 megapixels")
 
 
+def test_seam_smoothing_is_one_switch(page: Page, server: Server, key: str) -> None:
+    sign_in(page, server, key)
+    seams = page.get_by_label("Smooth patch seams", exact=True)
+    expect(seams).not_to_be_checked()
+    seams.check()
+    small_run(page, "a lighthouse", steps=5)
+    generate(page)
+    wait_result(page)
+    pred = predictions(server, key)[0]
+    assert pred["input"]["seam_smoothing"] == {"start": 0.8, "end": 1.0, "passes": 2}, pred["input"]
+    expect(page.locator("#result-meta")).to_contain_text("2 passes")
+
+
 def test_refine_sends_refine_prompt_and_shows_what_was_drawn(page: Page, server: Server, key: str) -> None:
     sign_in(page, server, key)
     refine = page.get_by_label("Refine the prompt", exact=True)

@@ -492,6 +492,26 @@ def test_layout_boxes_are_checked_and_kept_for_the_worker(service: Service) -> N
     rejected(service, 400, "layout_boxes", reference_image_urls=refs * 3, layout_boxes=boxes * 3)  # at most 5
 
 
+def test_seam_smoothing_defaults_rules_and_the_worker(service: Service) -> None:
+    from hidream.engine.seams import SeamSmoothing
+    from hidream.service.worker import build_request
+
+    data = assert_ok(service.submit(seam_smoothing={}))
+    assert data["input"]["seam_smoothing"] == {"start": 0.8, "end": 1.0, "passes": 2}
+    assert build_request(service.store.get_task(data["id"]), []).seam_smoothing == SeamSmoothing(0.8, 1.0, 2)
+    data = assert_ok(service.submit(seam_smoothing={"start": 0.5, "passes": 8}))
+    assert build_request(service.store.get_task(data["id"]), []).seam_smoothing == SeamSmoothing(0.5, 1.0, 8)
+    plain = assert_ok(service.submit())
+    assert "seam_smoothing" not in plain["input"]
+    assert build_request(service.store.get_task(plain["id"]), []).seam_smoothing is None
+    for fields, field in [({"passes": 3}, "seam_smoothing"), ({"start": 0.9, "end": 0.5}, "seam_smoothing"),
+                          ({"start": 1.5}, "seam_smoothing.start"), ({"end": "1"}, "seam_smoothing.end"),
+                          ({"strength": 1}, "seam_smoothing.strength"), (True, "seam_smoothing")]:
+        message = rejected(service, 400, field, seam_smoothing=fields)
+        assert "allowed: start, end, passes" in message or "passes: one of 2, 4, 8" in message or \
+            "must be an object" in message, message
+
+
 def test_keep_original_aspect_extreme(service: Service) -> None:
     ref = data_uri(png_bytes((5000, 1), mode="L"))
     rejected(service, 400, "reference_image_urls[0]", reference_image_urls=[ref], keep_original_aspect=True)

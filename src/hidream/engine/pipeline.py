@@ -33,6 +33,7 @@ from hidream.engine.schedulers import (
     noise_scale_schedule,
     unipc_schedule,
 )
+from hidream.engine.seams import SeamSmoothing
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
 from hidream.rules import (
     GUIDANCE_RULE,
@@ -67,6 +68,8 @@ class GenerationRequest:
     snap_to_native: bool = False
     # One (x1, y1, x2, y2) box per reference, fractions of the output (hidream.engine.layout): where each goes.
     layout: Sequence[Sequence[float]] | None = None
+    # Patch seam smoothing on the late steps (hidream.engine.seams.SeamSmoothing); None: off, as the official code.
+    seam_smoothing: SeamSmoothing | None = None
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -104,6 +107,7 @@ class GenerationResult:
     noise_scale_end: float | None = None
     noise_clip_std: float | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
+    extra_forwards: int = 0  # forwards seam smoothing added, per image
 
 
 def default_device() -> torch.device:
@@ -300,6 +304,8 @@ class Engine:
             raise InvalidRequestError("seed", f"must be an integer from 0 to {MAX_SEED} (got {req.seed!r})")
         if not images_ok(req.num_images):
             raise InvalidRequestError("num_images", f"{IMAGES_RULE} (got {req.num_images!r})")
+        if req.seam_smoothing is not None and (problem := req.seam_smoothing.problem()) is not None:
+            raise InvalidRequestError("seam_smoothing", problem)
         self._validate_sampling(req)
         self.lora_specs(req)
 
@@ -434,8 +440,11 @@ class Engine:
                     progress(k * n + i, req.num_images * n,
                              lambda max_side=256: self.preview(preview(), width, height, max_side))
 
+            seams = (req.seam_smoothing, width, height) if req.seam_smoothing is not None else None
             z = denoise(denoiser, z, schedule, sampler, guidance,
-                        on_step if timings or progress is not None else None, should_cancel)
+                        on_step if timings or progress is not None else None, should_cancel, seams)
+            if seams is not None:
+                result.extra_forwards = req.seam_smoothing.extra_forwards(len(schedule.timesteps))
             result.images.append(self.to_image(z, width, height))
             result.seeds.append(seed)
         result.seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ from hidream.engine.errors import GenerationCanceled
 from hidream.engine.layers import mrope_cos_sin, rope_inv_freq
 from hidream.engine.model import HiDreamO1, KVBuffer, VisualInjection
 from hidream.engine.schedulers import Sampler, Schedule
+from hidream.engine.seams import SeamSmoothing, smoothed
 from hidream.engine.sequence import Branch
 
 # The smallest sigma the velocity is divided by.
@@ -109,8 +110,10 @@ def denoise(
     guidance: float,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    seams: tuple[SeamSmoothing, int, int] | None = None,
 ) -> Tensor:
-    """Run every step of `schedule` from the initial noise `z` ([1, L, 3072]); returns the final patches."""
+    """Run every step of `schedule` from the initial noise `z` ([1, L, 3072]); returns the final patches.
+    seams: (settings, width, height): patch seam smoothing (`hidream.engine.seams`) on the steps it covers."""
     dtype = z.dtype
     total = len(schedule.timesteps)
     # On the latent's device before the loop: nothing in it waits for the device.
@@ -122,6 +125,8 @@ def denoise(
             raise GenerationCanceled(f"canceled before step {i + 1} of {total}")
         t = sigmas[i]
         x0 = denoiser(z, (1.0 - t))
+        if seams is not None and seams[0].active(i, total):
+            x0 = smoothed(denoiser, z, (1.0 - t), x0, seams[1], seams[2], seams[0].passes)
         v = velocity(x0, z, t.clamp_min(T_EPS), guidance)
         z = sampler.step(-v, z.float()).to(dtype)
         if progress is not None:

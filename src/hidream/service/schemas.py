@@ -47,6 +47,9 @@ from hidream.rules import (
     TIMESTEPS_RULE,
 )
 from hidream.engine.layout import MAX_BOXES
+from hidream.engine.seams import PASSES as SEAM_PASSES
+from hidream.engine.seams import RULE as SEAM_RULE
+from hidream.engine.seams import SeamSmoothing
 from hidream.sizes import NATIVE_SIZES, SIZE_PRESETS
 
 RULES = {
@@ -63,6 +66,7 @@ RULES = {
     "keep_original_aspect": "must be true or false",
     "snap_to_native": "must be true or false",
     "refine_prompt": "must be true or false",
+    "seam_smoothing": "must be an object {\"start\", \"end\", \"passes\"} (each optional): " + SEAM_RULE,
     "layout_boxes": f"must be a list of 1 to {MAX_BOXES} boxes [x1, y1, x2, y2], one per reference image, "
                     "fractions of the output with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1",
     "num_images": IMAGES_RULE,
@@ -125,6 +129,17 @@ class LoraRef(BaseModel):
         return v
 
 
+class SeamSmoothingRequest(BaseModel):
+    """seam_smoothing: the part of the schedule it covers and the passes on each of its steps."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    start: float = Field(SeamSmoothing.start, ge=0, lt=1, description="the fraction of the steps where it turns on")
+    end: float = Field(SeamSmoothing.end, gt=0, le=1, description="the fraction where it turns off")
+    passes: int = Field(SeamSmoothing.passes, description="predictions per step it covers: 2, 4 or 8 (the natural "
+                                                          "grid and passes - 1 shifted ones)")
+
+
 class GenerateImageRequest(BaseModel):
     """POST /api/v1/model/generateImage."""
 
@@ -145,6 +160,10 @@ class GenerateImageRequest(BaseModel):
                            "about 4 MP) nearest the aspect asked for (image_size, or the reference's with "
                            "keep_original_aspect), as the official code always does; the prediction's "
                            "input.width and input.height say what was made")
+    seam_smoothing: SeamSmoothingRequest | None = Field(
+        None, description="extension: average the late steps' predictions over patch grids shifted by part of a "
+                          "patch, against the 32-pixel grid seams; {} for the defaults (the last 20% of the steps, "
+                          "2 passes: one extra forward on each)")
     layout_boxes: list[list[float | int]] | None = Field(
         None, max_length=MAX_BOXES,
         description="extension: where each reference goes, one box [x1, y1, x2, y2] per reference image (the "
@@ -248,6 +267,11 @@ def validation_message(err: ValidationError | list[dict[str, Any]], extra_rules:
     field = name + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
     if name == "loras" and len(loc) > 1:
         return _lora_message(loc, kind, e)
+    if name == "seam_smoothing" and len(loc) > 1:
+        inner = f"seam_smoothing.{loc[1]}"
+        if kind == "extra_forbidden":
+            return f"{inner}: unknown field (allowed: start, end, passes)"
+        return f"{inner}: {SEAM_RULE} (got {_shown(e.get('input'))})"
     if kind == "extra_forbidden":
         return f"{field}: unknown field (allowed: {', '.join(RULES)})"
     if kind == "missing":
@@ -468,6 +492,11 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
         "reference_image_urls": {"type": "array", "default": [], "max_items": MAX_REFERENCES},
         "keep_original_aspect": {"type": "boolean", "default": False},
         "refine_prompt": {"type": "boolean", "default": False, "extension": True, "available": False},
+        "seam_smoothing": {"type": "object", "default": None, "extension": True,
+                           "fields": {"start": {"type": "number", "default": SeamSmoothing.start},
+                                      "end": {"type": "number", "default": SeamSmoothing.end},
+                                      "passes": {"type": "integer", "default": SeamSmoothing.passes,
+                                                 "enum": list(SEAM_PASSES)}}},
         "layout_boxes": {"type": "array", "default": None, "min_items": 1, "max_items": MAX_BOXES, "extension": True,
                          "items": "[x1, y1, x2, y2], fractions of the output, one per reference"},
         "snap_to_native": {"type": "boolean", "default": False, "extension": True,

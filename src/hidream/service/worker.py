@@ -108,6 +108,7 @@ def task_loras(task: dict[str, Any], settings: Settings, storage: Storage) -> li
 
 def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any] | None = None):
     from hidream.engine.pipeline import GenerationRequest
+    from hidream.engine.seams import SeamSmoothing
 
     inp = task["input"]
     lora_field = {"loras": loras} if loras else {}  # an engine that predates LoRAs runs the other tasks
@@ -117,6 +118,7 @@ def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any
         references=references,
         keep_original_aspect=inp["keep_original_aspect"], snap_to_native=inp.get("snap_to_native", False),
         layout=inp.get("layout_boxes"),
+        seam_smoothing=SeamSmoothing(**inp["seam_smoothing"]) if inp.get("seam_smoothing") else None,
         steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
         # extensions, stored only when a request gave them (tasks queued before them have none)

@@ -56,7 +56,7 @@ IGNORED = ("quality", "style", "user", "background", "moderation", "output_compr
 NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field, where they differ
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
 PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras",
-          "snap_to_native", "refine_prompt", "layout_boxes")
+          "snap_to_native", "refine_prompt", "layout_boxes", "seam_smoothing")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
 SQUARE = math.isqrt(MAX_AREA)
 SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
@@ -104,6 +104,8 @@ class OpenAIImageParams(BaseModel):
     snap_to_native: bool | None = Field(
         None, description="extension: generate at the native size nearest the aspect asked for (the official "
                           "code's snapping); the response's size is the one made")
+    seam_smoothing: schemas.SeamSmoothingRequest | None = Field(
+        None, description="extension: patch seam smoothing on the late steps, {} for the defaults")
     layout_boxes: list[list[float]] | None = Field(
         None, description="extension, edits only: one box [x1, y1, x2, y2] per image (fractions of the output): "
                           "where each goes")
@@ -254,12 +256,11 @@ def form_value(name: str, value: str | UploadFile) -> Any:
             return value
     if name in ("stream", "snap_to_native", "refine_prompt") and text.lower() in ("true", "false"):
         return text.lower() == "true"
-    if name == "layout_boxes":  # likewise
+    if name in ("layout_boxes", "seam_smoothing"):  # likewise
         try:
             return json.loads(text)
         except ValueError:
-            raise BadRequest(f"layout_boxes: must be a JSON array of [x1, y1, x2, y2] boxes (got {value[:80]!r})") \
-                from None
+            raise BadRequest(f"{name}: must be JSON text: {schemas.RULES[name]} (got {value[:80]!r})") from None
     if name == "loras":  # a form field holds text: the array as JSON
         try:
             return json.loads(text)

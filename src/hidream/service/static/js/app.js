@@ -27,6 +27,7 @@ const FIELDS = {
   snap_to_native: ["native-size", "native-error"],
   refine_prompt: ["refine", "refine-error"],
   layout_boxes: ["layout-0", "layout-error"],
+  seam_smoothing: ["seams", "seams-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
   loras: ["lora-add", "lora-error"],
@@ -362,6 +363,8 @@ function buildForm() {
   $("keep-aspect").addEventListener("change", () => { clearFieldError("keep-aspect"); updateSize(); });
   $("native-field").hidden = !state.params.snap_to_native;
   $("refine-field").hidden = !state.params.refine_prompt?.available;
+  $("seams-field").hidden = !state.params.seam_smoothing;
+  $("seams").addEventListener("change", () => clearFieldError("seams"));
   $("refine").addEventListener("change", () => clearFieldError("refine"));
   $("native-size").addEventListener("change", () => { clearFieldError("native-size"); updateSize(); });
 
@@ -886,6 +889,7 @@ function requestBody() {
   }
   if (nativeChecked()) body.snap_to_native = true;
   if (!$("refine-field").hidden && $("refine").checked) body.refine_prompt = true;
+  if (!$("seams-field").hidden && $("seams").checked) body.seam_smoothing = {};
   const n = readNumber("num-images", "num_images");
   if (n !== undefined) body.num_images = n;
   if (state.mode !== "text-to-image") {
@@ -1134,6 +1138,7 @@ function renderMeta(pred) {
   const rows = [
     ["Mode", MODE_NAMES[inp.mode] || inp.mode],
     ["Refined prompt", inp.refined_prompt],
+    ["Seam smoothing", inp.seam_smoothing && `steps ${inp.seam_smoothing.start}–${inp.seam_smoothing.end} of the schedule, ${inp.seam_smoothing.passes} passes`],
     ["Warning", (pred.warnings || []).join(" ")],
     ["Size", inp.width && `${inp.width} × ${inp.height}`],
     ["Steps", inp.num_inference_steps],
@@ -1282,6 +1287,7 @@ async function reopen(pred) {
   $("keep-aspect").checked = Boolean(inp.keep_original_aspect);
   $("native-size").checked = Boolean(inp.snap_to_native);
   $("refine").checked = Boolean(inp.refine_prompt);
+  $("seams").checked = Boolean(inp.seam_smoothing);
   const served = (inp.loras || []).filter((l) => state.loras.some((f) => f.name === l.path));
   state.loraRows = served.map((l) => ({ id: ++loraCounter, name: l.path, scale: String(l.scale) }));
   renderLoras();
