@@ -73,6 +73,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     home = root / "home"
     home.mkdir()
     env = su.service_env(home, None)  # what `scripts/demo` serves: the demo model shipped in the package
+    # Two torch threads, not the one of the other tests' processes: the examples run one at a time, and while
+    # the server draws, the example waits for it (and the server idles while a CLI example draws).
+    env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     procs = su.Processes(root / "logs")
     try:
         proc = procs.serve(env)

@@ -148,6 +148,14 @@ LAYOUT_HELP = ("one box x1,y1,x2,y2 per --ref, in the same order (fractions of t
                "x1,y1,x2,y2 here); at most 5")
 
 
+def add_request_extension_flags(p: argparse.ArgumentParser) -> None:
+    """The request extensions `generate` and `submit` both take: --native-size, --layout, --seam-smoothing."""
+    p.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
+    p.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
+    p.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
+                   help=SEAMS_HELP)
+
+
 def _lora(raw: str) -> tuple[str, float]:
     """--lora FILE[:SCALE] -> (FILE, SCALE); SCALE 1.0 when absent. A ':' followed by anything but a number
     is part of the path (`a:b.safetensors`, `https://host:8443/x.safetensors`)."""
@@ -882,10 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a prompt after them needs -- before it)")
     g.add_argument("--keep-original-aspect", action="store_true",
                    help="with one reference: the output takes its aspect ratio (2K pixel budget)")
-    g.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
-    g.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
-    g.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
-                   help=SEAMS_HELP)
+    add_request_extension_flags(g)
     g.add_argument("--refine", action="store_true",
                    help="rewrite the prompt into a detailed one first, with the OpenAI-compatible chat endpoint "
                         "HIDREAM_REFINE_URL names (HIDREAM_REFINE_MODEL, _KEY, _TIMEOUT_S); printed on stderr, and "
@@ -906,10 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--ref or list several after one (a prompt after them needs -- before it)")
     sm.add_argument("--keep-original-aspect", action="store_true",
                     help="with one reference: the output takes its aspect ratio")
-    sm.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
-    sm.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
-    sm.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
-                    help=SEAMS_HELP)
+    add_request_extension_flags(sm)
     sm.add_argument("--refine", action="store_true",
                     help="the service rewrites the prompt with its prompt refiner first (refine_prompt); the "
                          "rewrite is printed on stderr")

@@ -129,23 +129,53 @@ class Checkpoint:
         return self._processors
 
 
+class LazyImageProcessor:
+    """The checkpoint's Qwen2-VL image processor, built from its preprocessor_config.json when first used: only
+    references need it, and importing transformers' image-processing stack costs seconds of every start
+    (a text-to-image `hidream generate` never pays them). CheckpointError naming the file if it cannot be built."""
+
+    def __init__(self, config: dict, where: str) -> None:
+        self._config, self._where, self._processor = config, where, None
+
+    def _get(self):
+        if self._processor is None:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            try:
+                self._processor = Qwen2VLImageProcessorPil.from_dict(dict(self._config))
+            except (OSError, ValueError, TypeError) as err:
+                raise CheckpointError(f"{self._where}/preprocessor_config.json: unusable ({err})") from err
+        return self._processor
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
 def load_processors(directory: Path, shown: str | None = None):
-    """The tokenizer and image processor of a directory; CheckpointError naming what is missing."""
+    """The tokenizer and image processor (a LazyImageProcessor) of a directory; CheckpointError naming what
+    is missing or unreadable."""
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     where = shown or str(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{where}: tokenizer files missing or unreadable ({err})") from err
-    if not (directory / "preprocessor_config.json").is_file():
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
         raise CheckpointError(f"{where}: preprocessor_config.json missing")
     try:
-        processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as err:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, ValueError) as err:
         raise CheckpointError(f"{where}/preprocessor_config.json: unreadable ({err})") from err
-    return tokenizer, processor
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}/preprocessor_config.json: unreadable (not a JSON object)")
+    return tokenizer, LazyImageProcessor(config, where)
 
 
 def _sort(entries: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, Entry | None], dict[str, Entry]]:
