@@ -87,7 +87,8 @@ LORA_RULES = {
     "scale": LORA_SCALE_RULE,
 }
 # The extensions' fields: stored in a task's input only when given, so other predictions look as they did.
-EXTENSIONS = ("scheduler", "timesteps", "noise_scale", "noise_scale_end", "noise_clip_std")
+EXTENSIONS = ("scheduler", "timesteps", "noise_scale", "noise_scale_end", "noise_clip_std", "layout_boxes",
+              "seam_smoothing")
 Timestep = Annotated[int, Field(ge=1, le=MAX_TIMESTEP)]
 _FLASH, _PLAIN = NOISE_DEFAULTS["flash"], NOISE_DEFAULTS["unipc"]
 

@@ -125,7 +125,8 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
         raise BadRequest(f"model: must be one of {served} (got {body.model!r})")
     width, height = schemas.resolve_size(body.image_size)  # before any fetch: a bad size costs nothing
     check_sampling(settings, body, len(body.reference_image_urls) if references is None else len(references))
-    if body.seam_smoothing is not None and (problem := seam_settings(body).problem()) is not None:
+    if body.seam_smoothing is not None and \
+            (problem := SeamSmoothing(**body.seam_smoothing.model_dump()).problem()) is not None:
         raise BadRequest(f"seam_smoothing: {problem}")
     if body.refine_prompt and settings.refiner is None:
         raise BadRequest("refine_prompt: this service has no prompt refiner (its operator sets HIDREAM_REFINE_URL); "
@@ -177,9 +178,6 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         "guidance_scale": guidance if body.guidance_scale is None else body.guidance_scale}
     if lora_set.loras:  # stored only when given, so other predictions look as they did
         inp["loras"] = lora_set.echo()
-    for name in ("layout_boxes", "seam_smoothing"):  # likewise, stored only when given
-        if inp[name] is None:
-            del inp[name]
     if body.snap_to_native:  # likewise; width and height are the native size made
         inp["snap_to_native"] = True
     if refinement is not None:  # both texts kept: `prompt` as given, `refined_prompt` what is drawn
@@ -201,10 +199,6 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         delete_all(storage, ref_keys)  # a rejected request leaves nothing behind
         lora_set.undo()
         raise
-
-
-def seam_settings(body: schemas.GenerateImageRequest) -> SeamSmoothing:
-    return SeamSmoothing(**body.seam_smoothing.model_dump())
 
 
 def delete_all(storage: Any, keys: list[str]) -> None:
