@@ -336,3 +336,22 @@ def test_peak_host_memory_while_loading(tmp_path: Path) -> None:
                f"after touching every weight {resident / 1e6:.1f} MB ({resident / size:.2f}x)")
     assert load < 1.2 * size, numbers
     assert resident < 1.2 * size, numbers
+
+
+def test_the_image_processor_is_built_when_first_used_and_a_bad_config_still_fails(demo_checkpoint: Path,
+                                                                                   tmp_path: Path) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    _, lazy = ckpt.load_processors(demo_checkpoint)
+    assert lazy._processor is None  # nothing built at load: a text-to-image run never needs it
+    eager = Qwen2VLImageProcessorPil.from_pretrained(str(demo_checkpoint), local_files_only=True)
+    assert lazy.merge_size == eager.merge_size and lazy._processor.to_dict() == eager.to_dict()
+    copy = tmp_path / "ckpt"
+    shutil.copytree(demo_checkpoint, copy)
+    (copy / "preprocessor_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: unreadable"):
+        ckpt.load_processors(copy)
+    (copy / "preprocessor_config.json").write_text(json.dumps({"size": "big"}), encoding="utf-8")
+    _, bad = ckpt.load_processors(copy)  # valid JSON: its values are the processor's to judge, when it is built
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: unusable"):
+        bad(images=[], return_tensors="pt")
