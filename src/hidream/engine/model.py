@@ -27,6 +27,7 @@ from hidream.engine.layers import Linear, RMSNorm, apply_rope, attention, fuse_l
 
 if TYPE_CHECKING:
     from hidream.engine.offload import LayerOffload
+    from hidream.engine.stepcache import StepCache
 
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
 # Tokens per MLP pass: big enough for full-speed GEMMs (x2 rows with guidance), small enough for memory.
@@ -394,23 +395,50 @@ class HiDreamO1(nn.Module):
                 buffer.values[i].copy_(v)
 
     def forward_generation(self, h: Tensor, cos: Tensor, sin: Tensor, buffers: list[KVBuffer],
-                           keep: int | None = None) -> Tensor:
+                           keep: int | None = None, cache: tuple[StepCache, int] | None = None) -> Tensor:
         """Generation tokens [B, G, hidden] of B branches, row b over branch b's cached text and itself.
 
         keep: the last layer computes only the first `keep` tokens' outputs (the timestep token and
         the target's patches; the references' are never read) -> [B, keep, hidden].
+        cache: (the run's StepCache, this group's key): may skip the layers after the probe (stepcache).
         """
         sk, sv = [b.scratch_keys for b in buffers], [b.scratch_values for b in buffers]
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.resident_layers()):
+
+        def run(i: int, layer: DecoderLayer, h: Tensor) -> Tensor:
             attend = CachedAttend([b.keys[i] for b in buffers], [b.values[i] for b in buffers], sk, sv)
-            h = self.step_layer(layer, h, cos, sin, attend, keep if i == last else None)
-        return h
+            return self.step_layer(layer, h, cos, sin, attend, keep if i == last else None)
+
+        return self._layer_pass(h, run, cache)
 
     def forward_full(self, h: Tensor, cos: Tensor, sin: Tensor, text_len: int,
-                     visual: VisualInjection | None) -> Tensor:
+                     visual: VisualInjection | None, cache: tuple[StepCache, int] | None = None) -> Tensor:
         """Reference path: every token of one branch, every layer; h: [1, S, hidden] with text first."""
         attend = FullAttend(text_len)
-        for i, layer in enumerate(self.resident_layers()):
-            h = self._inject(self.step_layer(layer, h, cos, sin, attend), i, visual)
+        return self._layer_pass(h, lambda i, layer, h: self._inject(self.step_layer(layer, h, cos, sin, attend),
+                                                                    i, visual), cache)
+
+    def _layer_pass(self, h: Tensor, run: Callable[[int, DecoderLayer, Tensor], Tensor],
+                    cache: tuple[StepCache, int] | None) -> Tensor:
+        """h through every layer (run(i, layer, h) each); with a step cache, the probe layers first, then
+        either the rest or the rest's residual of the last full step (hidream.engine.stepcache)."""
+        probe = cache[0].policy.probe_layers if cache is not None else 0
+        if not 0 < probe < len(self.layers):
+            for i, layer in enumerate(self.resident_layers()):
+                h = run(i, layer, h)
+            return h
+        step_cache, group = cache
+        start = h
+        layers = iter(enumerate(self.resident_layers()))
+        for i, layer in layers:
+            h = run(i, layer, h)
+            if i + 1 == probe:
+                break
+        probed = h - start
+        if step_cache.reuse(group, probed):
+            return step_cache.reused(group, h)  # the layer stream is left early: offload starts it over
+        mid = h
+        for i, layer in layers:
+            h = run(i, layer, h)
+        step_cache.store(group, probed, mid, h)
         return h

@@ -35,6 +35,8 @@ from hidream.engine.schedulers import (
 )
 from hidream.engine.seams import SeamSmoothing
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
+from hidream.engine.stepcache import CACHE_MODES, CACHE_RULE, CacheMode, StepCache
+from hidream.engine.stepcache import policy as step_cache_policy
 from hidream.rules import (
     GUIDANCE_RULE,
     IMAGES_RULE,
@@ -70,6 +72,9 @@ class GenerationRequest:
     layout: Sequence[Sequence[float]] | None = None
     # Patch seam smoothing on the late steps (hidream.engine.seams.SeamSmoothing); None: off, as the official code.
     seam_smoothing: SeamSmoothing | None = None
+    # Step caching (hidream.engine.stepcache): "fast" reuses the decoder's residual on steps where its first
+    # layer barely changes; "off" (the default, as the official code) runs every layer on every step.
+    cache: CacheMode = "off"
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
@@ -108,6 +113,7 @@ class GenerationResult:
     noise_clip_std: float | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     extra_forwards: int = 0  # forwards seam smoothing added, per image
+    cached_steps: list[int] = field(default_factory=list)  # per image: steps step caching skipped the decoder on
 
 
 def default_device() -> torch.device:
@@ -306,6 +312,8 @@ class Engine:
             raise InvalidRequestError("num_images", f"{IMAGES_RULE} (got {req.num_images!r})")
         if req.seam_smoothing is not None and (problem := req.seam_smoothing.problem()) is not None:
             raise InvalidRequestError("seam_smoothing", problem)
+        if req.cache not in CACHE_MODES:
+            raise InvalidRequestError("cache", f"{CACHE_RULE} (got {req.cache!r})")
         self._validate_sampling(req)
         self.lora_specs(req)
 
@@ -422,6 +430,7 @@ class Engine:
         result = GenerationResult([], width, height, [], steps, guidance, scheduler, 0.0, shift=shift,
                                   timesteps=recipe.timesteps, noise_scale=recipe.noise_scale,
                                   noise_scale_end=recipe.noise_scale_end, noise_clip_std=recipe.noise_clip_std)
+        cache_policy = step_cache_policy(req.cache)
         for k in range(req.num_images):
             seed = req.seed + k
             schedule = self._schedule(recipe, steps, shift, scheduler)
@@ -441,8 +450,11 @@ class Engine:
                              lambda max_side=256: self.preview(preview(), width, height, max_side))
 
             seams = (req.seam_smoothing, width, height) if req.seam_smoothing is not None else None
+            step_cache = StepCache(cache_policy) if cache_policy is not None else None
             z = denoise(denoiser, z, schedule, sampler, guidance,
-                        on_step if timings or progress is not None else None, should_cancel, seams)
+                        on_step if timings or progress is not None else None, should_cancel, seams, step_cache)
+            if step_cache is not None:
+                result.cached_steps.append(len(step_cache.skipped))
             if seams is not None:
                 result.extra_forwards = req.seam_smoothing.extra_forwards(len(schedule.timesteps))
             result.images.append(self.to_image(z, width, height))

@@ -15,6 +15,7 @@ from hidream.engine.model import HiDreamO1, KVBuffer, VisualInjection
 from hidream.engine.schedulers import Sampler, Schedule
 from hidream.engine.seams import SeamSmoothing, smoothed
 from hidream.engine.sequence import Branch
+from hidream.engine.stepcache import StepCache
 
 # The smallest sigma the velocity is divided by.
 T_EPS = 0.001
@@ -73,22 +74,24 @@ class Denoiser:
             for i, (buffer, rope) in enumerate(zip(buffers, gen_rope, strict=True)):
                 self.groups.append(([i], [buffer], rope))
 
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
-        """z: [1, L, 3072] noisy target; t: 0-d float32 (1 - sigma), best on the model's device."""
+    def __call__(self, z: Tensor, t: Tensor, cache: StepCache | None = None) -> Tensor:
+        """z: [1, L, 3072] noisy target; t: 0-d float32 (1 - sigma), best on the model's device.
+        cache: the run's step cache (hidream.engine.stepcache), begun for this step; None: every layer."""
         cond = self.cond
         patches = z if cond.refs is None else torch.cat([z, cond.refs], dim=1)
         outs: list[Tensor] = []
-        for rows, buffers, (cos, sin) in self.groups:
+        for g, (rows, buffers, (cos, sin)) in enumerate(self.groups):
+            key = (cache, g) if cache is not None else None
             n = len(rows)
             gen = self.model.embed_generation(t.reshape(1).expand(n).to(self.device), patches.expand(n, -1, -1))
             if buffers is not None:
                 keep = 1 + cond.target_len if cond.refs is not None else None
-                h = self.model.forward_generation(gen, cos, sin, buffers, keep)[:, 1:1 + cond.target_len]
+                h = self.model.forward_generation(gen, cos, sin, buffers, keep, key)[:, 1:1 + cond.target_len]
             else:
                 (i,) = rows
                 text = cond.text_embeds[i]
                 h = torch.cat([text, gen], dim=1)
-                h = self.model.forward_full(h, cos, sin, text.shape[1], cond.visual[i])
+                h = self.model.forward_full(h, cos, sin, text.shape[1], cond.visual[i], key)
                 h = h[:, text.shape[1] + 1:text.shape[1] + 1 + cond.target_len]
             outs.append(self.model.predict(h))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -111,9 +114,12 @@ def denoise(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     seams: tuple[SeamSmoothing, int, int] | None = None,
+    cache: StepCache | None = None,
 ) -> Tensor:
     """Run every step of `schedule` from the initial noise `z` ([1, L, 3072]); returns the final patches.
-    seams: (settings, width, height): patch seam smoothing (`hidream.engine.seams`) on the steps it covers."""
+    seams: (settings, width, height): patch seam smoothing (`hidream.engine.seams`) on the steps it covers.
+    cache: a fresh StepCache for this run (`hidream.engine.stepcache`): the denoiser may reuse on some steps
+    (a denoiser that takes no cache runs every layer)."""
     dtype = z.dtype
     total = len(schedule.timesteps)
     # On the latent's device before the loop: nothing in it waits for the device.
@@ -124,7 +130,11 @@ def denoise(
         if should_cancel is not None and should_cancel():
             raise GenerationCanceled(f"canceled before step {i + 1} of {total}")
         t = sigmas[i]
-        x0 = denoiser(z, (1.0 - t))
+        if cache is not None:
+            cache.begin(i, total)
+            x0 = denoiser(z, (1.0 - t), cache=cache)
+        else:
+            x0 = denoiser(z, (1.0 - t))
         if seams is not None and seams[0].active(i, total):
             x0 = smoothed(denoiser, z, (1.0 - t), x0, seams[1], seams[2], seams[0].passes)
         v = velocity(x0, z, t.clamp_min(T_EPS), guidance)
