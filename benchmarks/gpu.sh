@@ -3,11 +3,11 @@
 #   benchmarks/gpu.sh [OFFICIAL_SRC]
 # A full-size (8B) HiDream-O1 with random bf16 weights is built directly on the GPU (no checkpoint,
 # nothing downloaded); at 2048x2048, 50 steps, guidance 5, it prints seconds per step and per image and
-# the peak memory for the engine eager and with --compile, next to the dry run's floor; then fp8 weights
-# against bf16 (benchmarks/fp8_quality.py: 1024x1024, 8 steps, an estimated minute more), layer offload
-# (benchmarks/offload.py) and a LoRA training step (benchmarks/train_lora.py), each allowed to fail. With
-# OFFICIAL_SRC (a checkout of HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case,
-# under $OFFICIAL_PYTHON (default: the same Python; it needs transformers 4.57, diffusers and einops).
+# the peak memory for the engine eager and with --compile, next to the dry run's floor, and the cost of a
+# step-cached step; then fp8 weights against bf16 (benchmarks/fp8_quality.py: 1024x1024, 8 steps, an
+# estimated minute more), layer offload (benchmarks/offload.py) and a LoRA training step
+# (benchmarks/train_lora.py), each allowed to fail. With OFFICIAL_SRC (a checkout of
+# HiDream-ai/HiDream-O1-Image) the official pipeline runs the same case, under $OFFICIAL_PYTHON (default: the same Python; it needs transformers 4.57, diffusers and einops).
 # The Python used: $PYTHON, else this checkout's .venv when its torch sees CUDA, else python3; the
 # checkout's src/ goes first on PYTHONPATH, so no install is needed where torch and transformers are.
 # Results (JSON) go to $OUT, or a temporary directory that is printed.
@@ -39,6 +39,9 @@ echo "== eager (plain path: 2 steps of full recompute, for the ratio per step)"
 bench "${case[@]}" --plain-steps 2 --json "$out/eager.json"
 echo "== --compile"
 bench "${case[@]}" --plain-steps 2 --compile --json "$out/compile.json"
+echo "== eager with --cache fast: steps reused, s per reused and per full step (random weights decide the count)"
+bench "${case[@]}" --plain-steps 1 --cache fast --json "$out/cache.json" \
+    || echo "== the step cache run failed (see above); the results above stand"
 echo "== --compile, edit (1 reference)"
 bench "${case[@]}" --plain-steps 1 --refs 1 --compile --json "$out/compile-edit.json"
 echo "== fp8 weights against bf16 (upcast and scaled_mm): image difference, s/step, 1024x1024, 8 steps"

@@ -62,6 +62,11 @@ CASES: dict[str, dict] = {
               "keep_original_aspect": False, "shift": 1.0, "label": "3 references"},
     "edit_keep": {"width": 2048, "height": 2048, "refs": [(1344, 1728)], "keep_original_aspect": True,
                   "shift": 3.0, "label": "edit, keep_original_aspect"},
+    # Layout boxes (ours [x1, y1, x2, y2]; the official code is given [x1, x2, y1, y2]): two references and the
+    # layout image, a personalization of 3 conditioning images.
+    "layout": {"width": 2048, "height": 2048, "refs": [(1024, 768), (768, 1024)], "keep_original_aspect": False,
+               "shift": 1.0, "label": "layout boxes, 2 references",
+               "layout": [(0.05, 0.1, 0.5, 0.9), (0.55, 0.25, 0.95, 0.75)]},
 }
 # Each worker's first request, not measured: the run's first case for one step (both guidance branches),
 # so that the first measured case does not pay for first-use costs (lazy imports, kernel selection). Not a
@@ -301,7 +306,7 @@ class _OursSide:
                                 references=list(case["ref_paths"]),
                                 keep_original_aspect=case["keep_original_aspect"], steps=case["steps"],
                                 guidance=case["guidance"], shift=case["shift"], seed=case["seed"],
-                                scheduler="unipc")
+                                scheduler="unipc", layout=case.get("layout"))
         # Per-step times (the engine waits for the device after each step) only on CUDA: the CPU figures
         # stay those of a plain run.
         result = self.engine.generate(req, mode="cached", timings=self.device == "cuda")
@@ -317,6 +322,13 @@ class _OursSide:
 
         return {"torch": torch.__version__, "transformers": transformers.__version__,
                 "hidream": str(Path(hidream.__file__).parent)}
+
+
+def official_boxes(layout: list | None) -> str | None:
+    """Our [x1, y1, x2, y2] boxes as the official code's layout_bboxes: JSON text of [x1, x2, y1, y2] boxes."""
+    if not layout:
+        return None
+    return json.dumps([[x1, x2, y1, y2] for x1, y1, x2, y2 in layout])
 
 
 class _DtypeTorch:
@@ -410,7 +422,7 @@ class _OfficialSide:
             model=self.model, processor=self.processor, prompt=case["prompt"], ref_image_paths=list(case["ref_paths"]),
             height=case["height"], width=case["width"], num_inference_steps=case["steps"],
             guidance_scale=case["guidance"], shift=case["shift"], scheduler_name="default", seed=case["seed"],
-            keep_original_aspect=case["keep_original_aspect"])
+            keep_original_aspect=case["keep_original_aspect"], layout_bboxes=official_boxes(case.get("layout")))
 
     @staticmethod
     def versions() -> dict:
@@ -608,7 +620,8 @@ def case_request(name: str, steps: int, refs: dict, guidance: float = GUIDANCE,
     spec = cases[name]
     return {"prompt": PROMPT, "seed": SEED, "guidance": guidance, "steps": steps,
             "width": spec["width"], "height": spec["height"], "shift": spec["shift"],
-            "keep_original_aspect": spec["keep_original_aspect"], "ref_paths": [str(refs[s]) for s in spec["refs"]]}
+            "keep_original_aspect": spec["keep_original_aspect"], "ref_paths": [str(refs[s]) for s in spec["refs"]],
+            **({"layout": [list(box) for box in spec["layout"]]} if spec.get("layout") else {})}
 
 
 def run_checkpoint(kind: str, checkpoint: Path, refs: dict, args: argparse.Namespace, workdir: Path,

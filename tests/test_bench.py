@@ -22,6 +22,21 @@ def test_bench_reports_both_paths_and_the_same_image(tmp_path: Path, demo_checkp
     assert "speed-up per step" in printed and "| engine (cached text, batched guidance) |" in printed
 
 
+def test_bench_with_the_step_cache_reports_reused_and_full_steps(tmp_path: Path, demo_checkpoint: Path, capsys,
+                                                                   monkeypatch) -> None:
+    from hidream.engine import stepcache
+
+    monkeypatch.setitem(stepcache.POLICIES, "fast", stepcache.CachePolicy(threshold=1e9, max_run=3))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(demo_checkpoint), "--device", "cpu", "--size", "64x64", "--steps", "6",
+                 "--plain-steps", "1", "--cache", "fast", "--json", str(out)]) == 0
+    cache = json.loads(out.read_text())["cache"]
+    assert cache["mode"] == "fast" and cache["cached_steps"] == 3  # 1-3; 4 after 3 in a row, 5 the last
+    assert cache["seconds_per_reused_step"] > 0 and cache["seconds_per_full_step"] > 0
+    assert 0 < cache["psnr_db_vs_engine"] < 100  # reused steps change the image, a little
+    assert "--cache fast: 3 of 6 steps reused" in capsys.readouterr().out
+
+
 def test_bench_random_weights_of_a_named_configuration(tmp_path: Path, capsys) -> None:
     assert main(["bench", "--config", "demo", "--device", "cpu", "--size", "64x64", "--steps", "1"]) == 0
     assert "random weights, demo configuration" in capsys.readouterr().out

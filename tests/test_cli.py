@@ -203,6 +203,20 @@ def test_layout_boxes_one_per_reference(tmp_path: Path, demo_checkpoint: Path, c
     assert exit_.value.code == 2 and "'0,0,0.5' is not a box x1,y1,x2,y2" in capsys.readouterr().err
 
 
+def test_cache_flag(tmp_path: Path, demo_checkpoint: Path, capsys, monkeypatch) -> None:
+    from hidream.engine import stepcache
+
+    monkeypatch.setitem(stepcache.POLICIES, "fast", stepcache.CachePolicy(threshold=1e9, max_run=3))
+    out = generate(capsys, demo_checkpoint, tmp_path / "c.png", "--size", "64x64", "--steps", "6", "-q",
+                   "--cache", "fast")  # steps 1-3 reused, 4 in full (at most 3 in a row), 5 the last
+    assert "step cache: 3 of 6 steps reused" in out, out
+    out = generate(capsys, demo_checkpoint, tmp_path / "d.png", "--size", "64x64", "--steps", "6", "-q")
+    assert "step cache" not in out, out
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--model", str(demo_checkpoint), "--cache", "slow"])
+    assert exit_.value.code == 2 and "error: --cache: must be one of off, fast (got 'slow')" in capsys.readouterr().err
+
+
 def test_seam_smoothing_flag(tmp_path: Path, demo_checkpoint: Path, capsys) -> None:
     out = generate(capsys, demo_checkpoint, tmp_path / "s.png", "--size", "128x128", "--steps", "5", "-q",
                    "--seam-smoothing")  # the defaults: the last 20% of 5 steps, 2 passes
@@ -877,6 +891,9 @@ def test_submit_sends_loras_and_maps_the_apis_errors_onto_the_flag(capsys, monke
     assert "seam_smoothing" not in bodies[-1]
     code, out, err = run_cli(capsys, *base, "--seam-smoothing", "0.7,1,4")
     assert code == 0 and bodies[-1]["seam_smoothing"] == {"start": 0.7, "end": 1.0, "passes": 4}, err
+    assert "cache" not in bodies[-1]
+    code, out, err = run_cli(capsys, *base, "--cache", "fast")
+    assert code == 0 and bodies[-1]["cache"] == "fast", err
     code, out, err = run_cli(capsys, *base, "--lora", "a.safetensors", "--lora", "gone.safetensors")
     assert code == 2 and err == "error: --lora[1]: gone.safetensors is not in the LoRA directory\n", err
     sent = len(bodies)

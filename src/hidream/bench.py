@@ -11,12 +11,14 @@ import argparse
 import json
 import platform
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from hidream.demo_eval import psnr
 from hidream.sizes import resolve_size
 
 PROMPT = ("medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
@@ -105,12 +107,19 @@ def _run(engine, request, mode: str, batch: bool) -> dict:
     result = engine.generate(request, mode=mode, batch_guidance=batch, timings=True)
     steps = result.step_seconds
     # The first step includes warm-up work of the kernels; the median is the steady state.
-    return {
+    out = {
         "image": result.images[0],
         "seconds_per_image": result.seconds,
         "seconds_per_step": float(np.median(steps)),
         "peak_memory_gib": _peak_bytes(engine.device) / 2**30,
     }
+    if result.cached_steps:  # step caching: how many steps reused, and what a reused and a full step take
+        reused = set(result.cached_steps[0])
+        out["cached_steps"] = len(reused)
+        out["seconds_per_reused_step"] = float(np.median([s for i, s in enumerate(steps) if i in reused])) \
+            if reused else None
+        out["seconds_per_full_step"] = float(np.median([s for i, s in enumerate(steps) if i not in reused]))
+    return out
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -138,6 +147,8 @@ def run_bench(args: argparse.Namespace) -> int:
         engine.generate(request(1))  # warm-up: kernels, allocator, caches
         engine.generate(request(1), mode="full", batch_guidance=False)
         fast = _run(engine, request(args.steps), "cached", True)
+        cached = _run(engine, replace(request(args.steps), cache=args.cache), "cached", True) \
+            if args.cache != "off" else None
         plain_steps = args.plain_steps or args.steps
         plain = _run(engine, request(plain_steps), "full", False)
 
@@ -155,6 +166,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "plain": {k: v for k, v in plain.items() if k != "image"} | {"steps": plain_steps},
         "speedup_per_step": plain["seconds_per_step"] / fast["seconds_per_step"],
     }
+    if cached is not None:
+        report["cache"] = {k: v for k, v in cached.items() if k != "image"} | {"mode": args.cache}
+        report["cache"]["psnr_db_vs_engine"] = psnr([fast["image"]], [cached["image"]])
     if plain_steps == args.steps:
         a = np.asarray(fast["image"], dtype=np.int16)
         b = np.asarray(plain["image"], dtype=np.int16)
@@ -167,6 +181,13 @@ def run_bench(args: argparse.Namespace) -> int:
     for name, r in (("engine (cached text, batched guidance)", fast), ("plain (full recompute, 2 forwards)", plain)):
         print(f"| {name} | {r['seconds_per_step']:.4f} | {r['seconds_per_image']:.2f} | {r['peak_memory_gib']:.2f} |")
     print(f"speed-up per step: {report['speedup_per_step']:.2f}x")
+    if cached is not None:
+        c = report["cache"]
+        reused = f"{c['seconds_per_reused_step']:.4f}" if c["seconds_per_reused_step"] is not None else "none"
+        print(f"--cache {args.cache}: {c['cached_steps']} of {args.steps} steps reused, {c['seconds_per_image']:.2f} "
+              f"s/image ({fast['seconds_per_image'] / c['seconds_per_image']:.2f}x), s per reused step {reused}, per "
+              f"full step {c['seconds_per_full_step']:.4f}; {c['psnr_db_vs_engine']:.1f} dB against the exact image "
+              f"(random weights: the reuse count says little of real ones)")
     if "images_max_abs_diff" in report:
         print(f"same image: max |diff| {report['images_max_abs_diff']} of 255, "
               f"mean {report['images_mean_abs_diff']:.4f}")

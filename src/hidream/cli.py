@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from hidream.client import ApiError, Client, ClientError, InputError
 from hidream.engine.errors import CheckpointError, HiDreamError, InvalidRequestError
 from hidream.rules import (
-    DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, LORA_SCALE_RULE, LORAS_RULE, MAX_LORAS, MAX_REFERENCES,
+    CACHE_MODES, DEFAULT_SIZE, DEMO_SIZE, GUIDANCE_RULE, IMAGES_RULE, LORA_SCALE_RULE, LORAS_RULE, MAX_LORAS, MAX_REFERENCES,
     MAX_SEED, MAX_TIMESTEP, NOISE_DEFAULTS, RANDOM_SEED, SCHEDULERS, SEED_RULE, STEPS_RULE, guidance_ok, images_ok,
     lora_scale_ok, sampling_problem, seed_ok, steps_ok,
 )
@@ -34,7 +34,8 @@ URL_SCHEMES = ("http://", "https://", "data:")
 ENGINE_FLAGS = {"prompt": "prompt", "steps": "--steps", "guidance": "--guidance", "shift": "--shift",
                 "seed": "--seed", "num_images": "--num-images", "width": "--size", "height": "--size",
                 "size": "--size", "references": "--ref", "keep_original_aspect": "--keep-original-aspect",
-                "snap_to_native": "--native-size", "refine": "--refine", "layout": "--layout", "seam_smoothing": "--seam-smoothing", "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
+                "snap_to_native": "--native-size", "refine": "--refine", "layout": "--layout", "seam_smoothing": "--seam-smoothing", "cache": "--cache",
+                "device": "--device", "dtype": "--dtype", "variant": "--variant", "precision": "--precision",
                 "compile": "--compile", "quantize": "--quantize", "offload": "--offload", "tokenizer": "--tokenizer",
                 "scheduler": "--scheduler", "timesteps": "--timesteps",
                 "noise_scale": "--noise-scale", "noise_scale_end": "--noise-scale-end",
@@ -43,7 +44,7 @@ API_FLAGS = {"prompt": "prompt", "num_inference_steps": "--steps", "guidance_sca
              "num_images": "--num-images", "image_size": "--size", "reference_image_urls": "--ref",
              "keep_original_aspect": "--keep-original-aspect", "snap_to_native": "--native-size",
              "refine_prompt": "--refine", "layout_boxes": "--layout", "seam_smoothing": "--seam-smoothing",
-             "output_format": "--format", "model": "--model",
+             "cache": "--cache", "output_format": "--format", "model": "--model",
              "webhook_url": "--webhook-url", "Idempotency-Key": "--idempotency-key", "loras": "--lora"}
 
 
@@ -148,12 +149,19 @@ LAYOUT_HELP = ("one box x1,y1,x2,y2 per --ref, in the same order (fractions of t
                "x1,y1,x2,y2 here); at most 5")
 
 
+CACHE_HELP = ("step caching: 'fast' skips all but the first decoder layer on the steps where that layer's "
+              "change since the last full step is small, reusing the rest's output (about half the steps at "
+              "the full recipe, approximate: docs/benchmarks.md); 'off' (the default) runs every layer")
+
+
 def add_request_extension_flags(p: argparse.ArgumentParser) -> None:
-    """The request extensions `generate` and `submit` both take: --native-size, --layout, --seam-smoothing."""
+    """The request extensions `generate` and `submit` both take: --native-size, --layout, --seam-smoothing,
+    --cache."""
     p.add_argument("--native-size", action="store_true", help=NATIVE_SIZE_HELP)
     p.add_argument("--layout", type=_box, nargs="+", metavar="X1,Y1,X2,Y2", help=LAYOUT_HELP)
     p.add_argument("--seam-smoothing", type=_seams, nargs="?", const="0.8", metavar="START,END,PASSES",
                    help=SEAMS_HELP)
+    p.add_argument("--cache", choices=CACHE_MODES, default="off", help=CACHE_HELP)
 
 
 def _lora(raw: str) -> tuple[str, float]:
@@ -444,7 +452,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(
             prompt=prompt, width=width, height=height, references=references,
             keep_original_aspect=args.keep_original_aspect, snap_to_native=args.native_size, layout=args.layout,
-            seam_smoothing=seams, steps=args.steps,
+            seam_smoothing=seams, cache=args.cache, steps=args.steps,
             guidance=args.guidance, shift=args.shift, seed=seed, num_images=args.num_images, scheduler=args.scheduler,
             timesteps=args.timesteps, noise_scale=args.noise_scale, noise_scale_end=args.noise_scale_end,
             noise_clip_std=args.noise_clip_std, loras=loras,
@@ -462,7 +470,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         named = [path for path, _ in args.lora or []] if err.field.startswith("loras") else \
             [] if err.field.startswith("layout") else refs
         raise as_flag_error(err.field, err.rule, ENGINE_FLAGS, named) from None
-    for image, path, seed in zip(result.images, paths, result.seeds, strict=True):
+    for k, (image, path, seed) in enumerate(zip(result.images, paths, result.seeds, strict=True)):
+        cached = len(result.cached_steps[k]) if result.cached_steps else 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
@@ -470,7 +479,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InvalidRequestError("-o", f"cannot write {path} ({err.strerror or err})") from err
         print(f"{path}  ({result.width}x{result.height}, seed {seed}, {result.steps} steps, {engine.variant}/"
               f"{result.scheduler}, {result.seconds:.1f} s{_mode(len(references))}{_loras_said(args.lora or [])}"
-              f"{f', seam smoothing: {result.extra_forwards} extra forwards' if seams is not None else ''})")
+              f"{f', seam smoothing: {result.extra_forwards} extra forwards' if seams is not None else ''}"
+              f"{f', step cache: {cached} of {result.steps} steps reused' if args.cache != 'off' else ''})")
     return 0
 
 
@@ -558,7 +568,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             prediction = client.submit(
                 args.prompt, references=urls, keep_original_aspect=args.keep_original_aspect,
                 snap_to_native=args.native_size, refine_prompt=args.refine, layout_boxes=args.layout,
-                seam_smoothing=args.seam_smoothing,
+                seam_smoothing=args.seam_smoothing, cache=args.cache,
                 model=args.model, image_size=args.size,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance, seed=args.seed, output_format=fmt or "png",
@@ -989,6 +999,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refs", type=INT, default=0, help="number of reference images (random pictures)")
     b.add_argument("--plain-steps", type=INT, default=None,
                    help="steps for the plain baseline (default: the same as --steps)")
+    b.add_argument("--cache", choices=CACHE_MODES, default="off",
+                   help="also run the engine's path with step caching (fast) and report its reused steps")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--dry-run", action="store_true",
                    help="no weights, no device: one request and one step on fake tensors; reports params, "

@@ -390,6 +390,8 @@ class SubmitOptions(TypedDict, total=False):
       ``(width, height)``.
     - ``seam_smoothing``: ``True`` (the defaults) or ``{"start": 0.8, "end": 1.0, "passes": 2}``: average the late
       steps over patch grids shifted by part of a patch, against grid seams.
+    - ``cache``: ``"fast"`` for step caching (all but the first decoder layer skipped on the steps where it
+      barely changes: quicker, approximate); ``"off"`` (the default) runs every layer.
     - ``layout_boxes``: one ``(x1, y1, x2, y2)`` box per reference (fractions of the output): where each goes.
     - ``refine_prompt``: rewrite the prompt with the service's prompt refiner first (``prediction.input`` keeps
       ``prompt`` and gives ``refined_prompt``; a refiner that fails leaves the prompt as is, in ``warnings``).
@@ -413,6 +415,7 @@ class SubmitOptions(TypedDict, total=False):
     refine_prompt: bool
     layout_boxes: Sequence[Sequence[float]] | None
     seam_smoothing: bool | Mapping[str, Any] | None
+    cache: str
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
@@ -1021,6 +1024,8 @@ def _submit_body(prompt: str, urls: Sequence[str], keep_original_aspect: bool,
     if options.get("seam_smoothing"):
         seams = options["seam_smoothing"]
         body["seam_smoothing"] = {} if seams is True else dict(seams)
+    if options.get("cache", "off") != "off":
+        body["cache"] = options["cache"]
     if options.get("layout_boxes") is not None:
         body["layout_boxes"] = [builtins.list(box) for box in options["layout_boxes"]]
     if options.get("base64_output"):

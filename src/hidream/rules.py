@@ -75,6 +75,11 @@ def images_ok(value: object) -> bool:
 
 # --- the sampling recipe's knobs (extensions of the hosted contract) ---------------------------------------
 
+# Step caching (hidream.engine.stepcache): off, as the official code, or fast (most of the decoder skipped on
+# the steps where its first layer barely changes: quicker, and approximate).
+CACHE_MODES = ("off", "fast")
+CACHE_RULE = "must be one of off, fast"
+
 SCHEDULERS = ("unipc", "flash", "euler")
 MAX_TIMESTEP = 1000  # the model's training timesteps: t / 1000 is the step's sigma
 MAX_NOISE_SCALE = 100.0

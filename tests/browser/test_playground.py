@@ -262,17 +262,27 @@ def test_native_size_shows_and_sends_the_size_it_makes(page: Page, server: Serve
     expect(page.locator("#size-summary")).to_have_text("512 × 224 pixels, 0.1 megapixels")
 
 
-def test_seam_smoothing_is_one_switch(page: Page, server: Server, key: str) -> None:
+def test_seam_smoothing_and_the_step_cache_are_one_switch_each(page: Page, server: Server, key: str) -> None:
     sign_in(page, server, key)
     seams = page.get_by_label("Smooth patch seams", exact=True)
+    cache = page.get_by_label("Faster steps (step cache)", exact=True)
     expect(seams).not_to_be_checked()
+    expect(cache).not_to_be_checked()
     seams.check()
+    cache.check()
     small_run(page, "a lighthouse", steps=5)
     generate(page)
     wait_result(page)
     pred = predictions(server, key)[0]
     assert pred["input"]["seam_smoothing"] == {"start": 0.8, "end": 1.0, "passes": 2}, pred["input"]
+    assert pred["input"]["cache"] == "fast", pred["input"]
     expect(page.locator("#result-meta")).to_contain_text("2 passes")
+    expect(page.locator("#result-meta")).to_contain_text("Step cache")
+    cache.uncheck()  # off is the default: nothing is sent, nothing stored
+    generate(page)
+    expect(page.locator("#result-meta")).not_to_contain_text("Step cache", timeout=60_000)
+    wait_result(page)
+    assert "cache" not in predictions(server, key)[0]["input"]
 
 
 def test_refine_sends_refine_prompt_and_shows_what_was_drawn(page: Page, server: Server, key: str) -> None:

@@ -53,6 +53,23 @@ def test_the_steps_that_may_reuse():
     assert cache.skipped == [1, 2, 3, 5, 6, 7]  # at most max_run (3) in a row; steps 0, 4, 8 and 9 in full
 
 
+def test_a_reused_residual_follows_the_line_through_the_last_two_full_steps():
+    cache = StepCache(CachePolicy(threshold=1e9, max_run=1))
+    probe, zero, h = torch.ones(1, 3, 4), torch.zeros(1, 3, 4), torch.full((1, 3, 4), 10.0)
+    for step, rest in ((0, 1.0), (2, 3.0)):  # full steps 0 and 2: the rest added 1, then 3
+        cache.begin(step, 10)
+        cache.store(0, probe, zero, torch.full((1, 3, 4), rest))
+    cache.begin(3, 10)
+    assert cache.reuse(0, probe)
+    assert torch.equal(cache.reused(0, h), torch.full((1, 3, 4), 10.0 + 3.0 + (3.0 - 1.0) / 2))
+    # one full step so far: its residual as it is; the last layer kept 2 of the 3 tokens, so do reused steps
+    one = StepCache(CachePolicy(threshold=1e9, max_run=1))
+    one.begin(0, 10)
+    one.store(0, probe, zero, torch.full((1, 2, 4), 3.0))
+    one.begin(1, 10)
+    assert one.reuse(0, probe) and torch.equal(one.reused(0, h), torch.full((1, 2, 4), 13.0))
+
+
 def test_unknown_modes_are_refused_naming_the_field(engine):
     for bad in ("slow", "", None, True):
         with pytest.raises(InvalidRequestError) as err:
@@ -68,7 +85,7 @@ def test_a_cache_that_never_reuses_changes_nothing(engine, fast_is):
         req = dict(prompt="a red kite", width=96, height=64, references=refs, steps=5, seed=4, guidance=4.0)
         plain = engine.generate(GenerationRequest(**req))
         cached = engine.generate(GenerationRequest(**req, cache="fast"))
-        assert cached.cached_steps == [0] and plain.cached_steps == []
+        assert cached.cached_steps == [[]] and plain.cached_steps == []
         assert np.array_equal(pixels(plain), pixels(cached))  # the probe split alone is exact
 
 
@@ -99,7 +116,7 @@ def test_reuse_is_deterministic_and_saves_steps(engine, fast_is):
     req = GenerationRequest("a green hill", width=64, height=64, steps=10, seed=3, guidance=5.0, num_images=2,
                             cache="fast")
     a, b = engine.generate(req), engine.generate(req)
-    assert a.cached_steps == b.cached_steps == [6, 6] and np.array_equal(pixels(a), pixels(b))
+    assert a.cached_steps == b.cached_steps == [[1, 2, 3, 5, 6, 7]] * 2 and np.array_equal(pixels(a), pixels(b))
     exact = engine.generate(GenerationRequest(**{**req.__dict__, "cache": "off"}))
     assert exact.cached_steps == [] and not np.array_equal(pixels(a), pixels(exact))
 
@@ -110,7 +127,7 @@ def test_sequential_guidance_and_offload_follow_the_same_steps(demo_checkpoint, 
                             references=[picture(64, 48, 2)], cache="fast")
     batched = engine.generate(req)
     sequential = engine.generate(req, batch_guidance=False)
-    assert batched.cached_steps == sequential.cached_steps == [5]  # 1-3, 5-6
+    assert batched.cached_steps == sequential.cached_steps == [[1, 2, 3, 5, 6]]
     assert np.abs(pixels(batched) - pixels(sequential)).max() <= 1
     streamed = Engine.load(demo_checkpoint, device="cpu")
     enable_offload(streamed.model, torch.device("cpu"), 1)  # a pass left after the probe starts over
@@ -125,7 +142,7 @@ def test_seam_smoothings_shifted_passes_run_in_full(engine, fast_is, monkeypatch
     req = GenerationRequest("a dark sea", width=128, height=128, steps=6, seed=1, guidance=3.0, cache="fast",
                             seam_smoothing=seams)
     result = engine.generate(req)
-    assert result.cached_steps == [3] and result.extra_forwards == 3  # steps 1, 2, 3 reused
+    assert result.cached_steps == [[1, 2, 3]] and result.extra_forwards == 3
     # per step, batched guidance: the natural pass (1 layer when reused, all otherwise) + on steps 3-5 a rolled one
     layers = len(engine.model.layers)
     assert len(calls) == 3 * layers + 3 * 1 + 3 * layers

@@ -512,6 +512,24 @@ def test_seam_smoothing_defaults_rules_and_the_worker(service: Service) -> None:
             "must be an object" in message, message
 
 
+def test_step_cache_is_stored_only_when_on_and_reaches_the_worker(service: Service) -> None:
+    from hidream.service.worker import build_request
+
+    data = assert_ok(service.submit(cache="fast"))
+    assert data["input"]["cache"] == "fast"
+    assert build_request(service.store.get_task(data["id"]), []).cache == "fast"
+    for body in ({}, {"cache": "off"}):
+        plain = assert_ok(service.submit(**body))
+        assert "cache" not in plain["input"]
+        assert build_request(service.store.get_task(plain["id"]), []).cache == "off"
+    for bad in ("slow", "FAST", True, None, ["fast"]):
+        message = rejected(service, 400, "cache", cache=bad)
+        assert "must be one of off, fast" in message, message
+    params = assert_ok(service.client.get("/api/v1/models", headers=service.h1))[0]["parameters"]
+    assert params["cache"] == {"type": "string", "default": "off", "enum": ["off", "fast"],
+                                            "extension": True}
+
+
 def test_keep_original_aspect_extreme(service: Service) -> None:
     ref = data_uri(png_bytes((5000, 1), mode="L"))
     rejected(service, 400, "reference_image_urls[0]", reference_image_urls=[ref], keep_original_aspect=True)

@@ -252,6 +252,17 @@ def test_snap_to_native_passes_through_json_and_forms(queue: Server) -> None:
         assert (inp["width"], inp["height"]) == (2048, 2048) and inp["snap_to_native"] is True
 
 
+def test_step_cache_passes_through_json_and_forms(queue: Server) -> None:
+    client = queue.openai()
+    for call in (lambda: client.images.generate(prompt="x", size="256x256", extra_body={"cache": "fast"}),
+                 lambda: client.images.edit(image=("a.png", picture(96, 64), "image/png"), prompt="x",
+                                            size="256x256", extra_body={"cache": "fast"})):
+        assert queue.prediction(timed_out(call)["prediction_id"])["input"]["cache"] == "fast"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="x", size="256x256", extra_body={"cache": "quick"})
+    assert error_of(err.value)["param"] == "cache" and "off, fast" in error_of(err.value)["message"]
+
+
 def test_layout_boxes_pass_through_forms_as_json_text(queue: Server) -> None:
     client = queue.openai()
     images = [("a.png", picture(96, 64), "image/png"), ("b.png", picture(64, 96), "image/png")]

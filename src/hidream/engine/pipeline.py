@@ -35,9 +35,11 @@ from hidream.engine.schedulers import (
 )
 from hidream.engine.seams import SeamSmoothing
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
-from hidream.engine.stepcache import CACHE_MODES, CACHE_RULE, CacheMode, StepCache
+from hidream.engine.stepcache import CacheMode, StepCache
 from hidream.engine.stepcache import policy as step_cache_policy
 from hidream.rules import (
+    CACHE_MODES,
+    CACHE_RULE,
     GUIDANCE_RULE,
     IMAGES_RULE,
     MAX_REFERENCES,
@@ -113,7 +115,7 @@ class GenerationResult:
     noise_clip_std: float | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     extra_forwards: int = 0  # forwards seam smoothing added, per image
-    cached_steps: list[int] = field(default_factory=list)  # per image: steps step caching skipped the decoder on
+    cached_steps: list[list[int]] = field(default_factory=list)  # per image: the steps (from 0) step caching reused
 
 
 def default_device() -> torch.device:
@@ -454,7 +456,7 @@ class Engine:
             z = denoise(denoiser, z, schedule, sampler, guidance,
                         on_step if timings or progress is not None else None, should_cancel, seams, step_cache)
             if step_cache is not None:
-                result.cached_steps.append(len(step_cache.skipped))
+                result.cached_steps.append(step_cache.skipped)
             if seams is not None:
                 result.extra_forwards = req.seam_smoothing.extra_forwards(len(schedule.timesteps))
             result.images.append(self.to_image(z, width, height))

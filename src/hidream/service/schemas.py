@@ -11,6 +11,8 @@ from hidream import sizes
 from hidream.engine.errors import InvalidRequestError
 from hidream.prompts import control_token_in
 from hidream.rules import (
+    CACHE_MODES,
+    CACHE_RULE,
     DEFAULT_SIZE,
     DEMO_SIZE,
     GUIDANCE_RULE,
@@ -66,6 +68,7 @@ RULES = {
     "keep_original_aspect": "must be true or false",
     "snap_to_native": "must be true or false",
     "refine_prompt": "must be true or false",
+    "cache": CACHE_RULE,
     "seam_smoothing": "must be an object {\"start\", \"end\", \"passes\"} (each optional): " + SEAM_RULE,
     "layout_boxes": f"must be a list of 1 to {MAX_BOXES} boxes [x1, y1, x2, y2], one per reference image, "
                     "fractions of the output with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1",
@@ -165,6 +168,10 @@ class GenerateImageRequest(BaseModel):
         None, description="extension: average the late steps' predictions over patch grids shifted by part of a "
                           "patch, against the 32-pixel grid seams; {} for the defaults (the last 20% of the steps, "
                           "2 passes: one extra forward on each)")
+    cache: Literal["off", "fast"] = Field(
+        "off", description="extension: step caching; fast skips all but the first decoder layer on the steps where "
+                           "that layer's change since the last full step is small, reusing the rest's output "
+                           "(quicker, approximate); off runs every layer, as the official code")
     layout_boxes: list[list[float | int]] | None = Field(
         None, max_length=MAX_BOXES,
         description="extension: where each reference goes, one box [x1, y1, x2, y2] per reference image (the "
@@ -498,6 +505,7 @@ def parameter_schema(steps: int = 50, guidance: float = 5.0) -> dict[str, Any]:
                                       "end": {"type": "number", "default": SeamSmoothing.end},
                                       "passes": {"type": "integer", "default": SeamSmoothing.passes,
                                                  "enum": list(SEAM_PASSES)}}},
+        "cache": {"type": "string", "default": "off", "enum": list(CACHE_MODES), "extension": True},
         "layout_boxes": {"type": "array", "default": None, "min_items": 1, "max_items": MAX_BOXES, "extension": True,
                          "items": "[x1, y1, x2, y2], fractions of the output, one per reference"},
         "snap_to_native": {"type": "boolean", "default": False, "extension": True,

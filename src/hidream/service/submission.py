@@ -171,7 +171,7 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         steps = len(body.timesteps)
     unset = {name for name in schemas.EXTENSIONS if getattr(body, name) is None}  # stored only when given
     inp = body.model_dump(exclude={"model", "image_size", "webhook_url", "loras", "snap_to_native", "refine_prompt",
-                                   *unset}) | {
+                                   "cache", *unset}) | {
         "image_size": body.image_size if isinstance(body.image_size, str) else body.image_size.model_dump(),
         "width": width, "height": height, "seed": seed, "mode": mode, "reference_image_urls": shown_urls or [],
         "num_inference_steps": body.num_inference_steps or steps,
@@ -180,6 +180,8 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         inp["loras"] = lora_set.echo()
     if body.snap_to_native:  # likewise; width and height are the native size made
         inp["snap_to_native"] = True
+    if body.cache != "off":  # likewise
+        inp["cache"] = body.cache
     if refinement is not None:  # both texts kept: `prompt` as given, `refined_prompt` what is drawn
         inp["refine_prompt"] = True
         if refinement.refined is not None:

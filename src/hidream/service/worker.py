@@ -119,6 +119,7 @@ def build_request(task: dict[str, Any], references: list[bytes], loras: list[Any
         keep_original_aspect=inp["keep_original_aspect"], snap_to_native=inp.get("snap_to_native", False),
         layout=inp.get("layout_boxes"),
         seam_smoothing=SeamSmoothing(**inp["seam_smoothing"]) if inp.get("seam_smoothing") else None,
+        cache=inp.get("cache", "off"),
         steps=inp["num_inference_steps"],
         guidance=inp["guidance_scale"], seed=inp["seed"], num_images=inp["num_images"],
         # extensions, stored only when a request gave them (tasks queued before them have none)

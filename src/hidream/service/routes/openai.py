@@ -56,7 +56,7 @@ IGNORED = ("quality", "style", "user", "background", "moderation", "output_compr
 NATIVE_NAMES = {"n": "num_images"}  # OpenAI name -> GenerateImageRequest field, where they differ
 OPENAI_NAMES = {"num_images": "n", "image_size": "size", "reference_image_urls": "image"}  # for messages
 PASSED = ("model", "prompt", "n", "output_format", "seed", "num_inference_steps", "guidance_scale", "loras",
-          "snap_to_native", "refine_prompt", "layout_boxes", "seam_smoothing")
+          "snap_to_native", "refine_prompt", "layout_boxes", "seam_smoothing", "cache")
 FORM_INTEGERS = ("n", "seed", "num_inference_steps", "output_compression", "partial_images")
 SQUARE = math.isqrt(MAX_AREA)
 SIZE_RULE = (f'must be "auto", "WxH" with sides from {MIN_SIDE} to {MAX_SIDE} (rounded to multiples of '
@@ -106,6 +106,8 @@ class OpenAIImageParams(BaseModel):
                           "code's snapping); the response's size is the one made")
     seam_smoothing: schemas.SeamSmoothingRequest | None = Field(
         None, description="extension: patch seam smoothing on the late steps, {} for the defaults")
+    cache: Literal["off", "fast"] | None = Field(
+        None, description="extension: step caching, off (the default) or fast (quicker, approximate)")
     layout_boxes: list[list[float]] | None = Field(
         None, description="extension, edits only: one box [x1, y1, x2, y2] per image (fractions of the output): "
                           "where each goes")

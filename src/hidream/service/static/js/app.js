@@ -28,6 +28,7 @@ const FIELDS = {
   refine_prompt: ["refine", "refine-error"],
   layout_boxes: ["layout-0", "layout-error"],
   seam_smoothing: ["seams", "seams-error"],
+  cache: ["cache", "cache-error"],
   num_images: ["num-images", "num-images-error"],
   model: ["model", "model-error"],
   loras: ["lora-add", "lora-error"],
@@ -365,6 +366,8 @@ function buildForm() {
   $("refine-field").hidden = !state.params.refine_prompt?.available;
   $("seams-field").hidden = !state.params.seam_smoothing;
   $("seams").addEventListener("change", () => clearFieldError("seams"));
+  $("cache-field").hidden = !state.params.cache;
+  $("cache").addEventListener("change", () => clearFieldError("cache"));
   $("refine").addEventListener("change", () => clearFieldError("refine"));
   $("native-size").addEventListener("change", () => { clearFieldError("native-size"); updateSize(); });
 
@@ -890,6 +893,7 @@ function requestBody() {
   if (nativeChecked()) body.snap_to_native = true;
   if (!$("refine-field").hidden && $("refine").checked) body.refine_prompt = true;
   if (!$("seams-field").hidden && $("seams").checked) body.seam_smoothing = {};
+  if (!$("cache-field").hidden && $("cache").checked) body.cache = "fast";
   const n = readNumber("num-images", "num_images");
   if (n !== undefined) body.num_images = n;
   if (state.mode !== "text-to-image") {
@@ -1139,6 +1143,7 @@ function renderMeta(pred) {
     ["Mode", MODE_NAMES[inp.mode] || inp.mode],
     ["Refined prompt", inp.refined_prompt],
     ["Seam smoothing", inp.seam_smoothing && `steps ${inp.seam_smoothing.start}–${inp.seam_smoothing.end} of the schedule, ${inp.seam_smoothing.passes} passes`],
+    ["Step cache", inp.cache],
     ["Warning", (pred.warnings || []).join(" ")],
     ["Size", inp.width && `${inp.width} × ${inp.height}`],
     ["Steps", inp.num_inference_steps],
@@ -1288,6 +1293,7 @@ async function reopen(pred) {
   $("native-size").checked = Boolean(inp.snap_to_native);
   $("refine").checked = Boolean(inp.refine_prompt);
   $("seams").checked = Boolean(inp.seam_smoothing);
+  $("cache").checked = inp.cache === "fast";
   const served = (inp.loras || []).filter((l) => state.loras.some((f) => f.name === l.path));
   state.loraRows = served.map((l) => ({ id: ++loraCounter, name: l.path, scale: String(l.scale) }));
   renderLoras();
