@@ -11,7 +11,8 @@ table with the targets of issue 14. Each `--compare KEY=VALUE[,KEY=VALUE]` draws
 change (a GenerationRequest field such as steps, guidance, scheduler; or an Engine.load option: quantize,
 precision, offload, compile) and reports its accuracy and its PSNR against the exact path's images, so a
 speed-up that breaks prompt following shows up. s/image is the mean wall time per image; grid is the mean
-`hidream.engine.seams.grid_ratio` of the images (about 1: no patch grid; above it, 32-pixel seams), and
+`hidream.engine.seams.grid_ratio` of the images (about 1: no patch grid; above it, 32-pixel seams), reused
+the mean number of steps per image that step caching (`cache=fast`) skipped the decoder on, and
 `seam_smoothing=START:END:PASSES` a request's patch seam smoothing.
 """
 
@@ -80,10 +81,24 @@ def load(model: Path, device: str, options: dict[str, object]):
     return Engine.load(model, device=device, **options)
 
 
-def run(engine, samples, size: int, request: dict[str, object]) -> tuple[list, float]:
-    began = time.perf_counter()
-    images = demo_eval.generate(engine, samples, size, **request)
-    return images, (time.perf_counter() - began) / len(samples)
+def run(engine, samples, size: int, request: dict[str, object]) -> tuple[list, float, float]:
+    """The images, the mean seconds per image, and the mean steps per image step caching reused."""
+    reused = []
+    generate = engine.generate
+
+    def counting(req, *args, **kwargs):
+        result = generate(req, *args, **kwargs)
+        reused.extend(len(steps) for steps in result.cached_steps)
+        return result
+
+    engine.generate = counting  # this instance only
+    try:
+        began = time.perf_counter()
+        images = demo_eval.generate(engine, samples, size, **request)
+        seconds = (time.perf_counter() - began) / len(samples)
+    finally:
+        del engine.generate
+    return images, seconds, sum(reused) / len(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,30 +122,30 @@ def main(argv: list[str] | None = None) -> int:
     base_options = {"precision": args.precision} if args.precision else {}
     samples = demo_eval.held_out_set(args.count, args.seed)
     engine = load(model, args.device, base_options)
-    exact, seconds = run(engine, samples, args.size, {})
+    exact, seconds, _ = run(engine, samples, args.size, {})
     rows = [{"run": "exact (recipe defaults)", "accuracy": demo_eval.accuracy(samples, exact), "psnr_db": math.inf,
-             "s_per_image": seconds, "grid": grid(exact),
+             "s_per_image": seconds, "grid": grid(exact), "reused_steps": 0.0,
              "scores": [demo_eval.score(s, i) for s, i in zip(samples, exact)]}]
     for change in args.compare:
         options = {k: v for k, v in change.items() if k in ENGINE_KEYS}
         request = request_fields(change)
         other = load(model, args.device, {**base_options, **options}) if options else engine
-        images, seconds = run(other, samples, args.size, request)
+        images, seconds, reused = run(other, samples, args.size, request)
         rows.append({"run": ",".join(f"{k}={v}" for k, v in change.items()),
                      "accuracy": demo_eval.accuracy(samples, images), "psnr_db": demo_eval.psnr(exact, images),
-                     "s_per_image": seconds, "grid": grid(images),
+                     "s_per_image": seconds, "grid": grid(images), "reused_steps": reused,
                      "scores": [demo_eval.score(s, i) for s, i in zip(samples, images)]})
     print(f"# {model.name}: {args.count} held-out prompts per mode, {args.size}x{args.size}, seeds 0..; "
           f"{engine.device}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
     print()
     header = " | ".join(f"{demo_eval.MODE_NAMES[m]} {f}" for m, f in COLUMNS)
-    print(f"| run | {header} | PSNR vs exact dB | grid | s/image |")
-    print("|---" * (len(COLUMNS) + 4) + "|")
+    print(f"| run | {header} | PSNR vs exact dB | grid | reused | s/image |")
+    print("|---" * (len(COLUMNS) + 5) + "|")
     for row in rows:
         acc = row["accuracy"]
         cells = [f"{acc[m][f]:.0f}%" for m, f in COLUMNS]
         psnr = "exact" if math.isinf(row["psnr_db"]) else f"{row['psnr_db']:.1f}"
-        print(f"| {row['run']} | " + " | ".join(cells) + f" | {psnr} | {row['grid']:.2f} | {row['s_per_image']:.2f} |")
+        print(f"| {row['run']} | " + " | ".join(cells) + f" | {psnr} | {row['grid']:.2f} | {row['reused_steps']:.1f} | {row['s_per_image']:.2f} |")
     print()
     print("Targets (exact path): " + "; ".join(
         f"{demo_eval.MODE_NAMES[m]} {f} {v:.0f}% (>= {t}%: {'met' if v >= t else 'NOT met'})"

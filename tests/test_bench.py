@@ -114,6 +114,11 @@ def test_dry_run_of_the_full_configuration(tmp_path: Path) -> None:
     m = r["memory"]
     assert m["host_weights_bytes"] == 2 * 151936 * 4096  # embed_tokens, in host memory
     assert 0 <= m["weights_bytes"] + m["host_weights_bytes"] - 2 * r["params"] < 2**20
+    # cache="fast": a reused step runs the first of 36 layers (plus the patch embedding and the head), and keeps
+    # three float32 residuals of [2 branches, 1 + 64 tokens, 4096]: the probe's, and the rest's of two full steps
+    c = r["cache"]
+    assert 1 / 36 < c["flops_per_reused_step"] / r["flops_per_step"] < 1.5 / 36
+    assert 0 <= c["residual_bytes"] - 3 * 2 * 65 * 4096 * 4 < 4096
 
 
 def test_dry_run_estimates_fp8_and_offload(tmp_path: Path) -> None:

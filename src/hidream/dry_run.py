@@ -40,6 +40,7 @@ from hidream.engine.pipeline import Engine
 from hidream.engine.sampling import Denoiser, denoise
 from hidream.engine.schedulers import EulerFlow, UniPCMultistep, linear_schedule, unipc_schedule
 from hidream.engine.sequence import UNCONDITIONAL_PROMPT, PromptEncoder
+from hidream.engine.stepcache import POLICIES, StepCache
 
 DEFAULT_TFLOPS = 800.0
 # What the figures are, said wherever they are shown.
@@ -167,6 +168,16 @@ class _Measured:
         self.flops.counted += self.counter.get_total_flops()
 
 
+class _Reuses(StepCache):
+    """A step cache that runs in full until `reusing` is set, then reuses, deciding without reading a value
+    (fake tensors have none): what a step that `cache="fast"` reuses computes."""
+
+    reusing = False
+
+    def reuse(self, group: int, probe: torch.Tensor) -> bool:
+        return self.reusing and group in self._groups
+
+
 def named_spec(config: str, workdir: Path) -> tuple[ModelSpec, PromptEncoder]:
     """The spec of a named configuration (demo | full) with the demo tokenizer and image processor."""
     from transformers import Qwen3VLConfig
@@ -282,6 +293,21 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
         except GenerationCanceled:
             pass
     peak_step = memory.peak
+    # A step that step caching reuses: two full passes fill the cache (a reused residual is extrapolated from
+    # the last two), then the measured reused one.
+    before_cache = memory.current
+    with _Measured(memory, fake):
+        cache = _Reuses(POLICIES["fast"])
+        t = torch.tensor(0.5)
+        for i in range(2):
+            cache.begin(i, steps)
+            denoiser(z, t, cache=cache)
+    cache_bytes = memory.current - before_cache
+    cache.reusing = True
+    cache.begin(2, steps)
+    with _Measured(memory, fake) as reused_step:
+        denoiser(z, t, cache=cache)
+    del cache
     per_request = Flops(**{k: getattr(conditioning, k) + getattr(prefill, k) for k in asdict(conditioning)})
 
     flops_per_image = steps * step.total + per_request.total
@@ -306,6 +332,8 @@ def dry_run(spec: ModelSpec, encoder: PromptEncoder, *, variant: str = "full", w
         "flops_per_step": step.total,
         "step": asdict(step),
         "prefill_flops": per_request.total,
+        # cache="fast": what a reused step's model pass computes, and the residuals the cache keeps
+        "cache": {"flops_per_reused_step": reused_step.total, "residual_bytes": cache_bytes},
         "prefill": asdict(per_request),
         "flops_per_image": flops_per_image,
         "tflops": tflops,
@@ -342,6 +370,10 @@ def print_report(report: dict, source: str) -> None:
     print(f"| ... attention by formula | {s['attention_analytic']:.4g} ({s['attention_calls']} calls; "
           f"added {s['attention_added']:.4g}) |")
     print(f"| prefill flops (once per request) | {r['prefill_flops']:.4g} |")
+    c = r["cache"]
+    print(f"| a step `cache=\"fast\"` reuses | {c['flops_per_reused_step']:.4g} flops "
+          f"({c['flops_per_reused_step'] / r['flops_per_step']:.1%} of a full step); residuals kept "
+          f"{_gib(c['residual_bytes'])} |")
     print(f"| flops per image | {r['flops_per_image']:.4g} |")
     print(f"| floor at {r['tflops']:g} TFLOP/s | {r['floor_seconds']:.2f} s |")
     print(f"| weights | {r['weights']}; offload {r['offload']} |")
