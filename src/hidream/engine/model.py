@@ -421,7 +421,8 @@ class HiDreamO1(nn.Module):
     def _layer_pass(self, h: Tensor, run: Callable[[int, DecoderLayer, Tensor], Tensor],
                     cache: tuple[StepCache, int] | None) -> Tensor:
         """h through every layer (run(i, layer, h) each); with a step cache, the probe layers first, then
-        either the rest or the rest's residual of the last full step (hidream.engine.stepcache)."""
+        either the rest or, on a step the cache reuses, its estimate of what the rest adds
+        (hidream.engine.stepcache)."""
         probe = cache[0].policy.probe_layers if cache is not None else 0
         if not 0 < probe < len(self.layers):
             for i, layer in enumerate(self.resident_layers()):
