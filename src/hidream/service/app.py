@@ -28,6 +28,7 @@ from hidream.service.routes import (
     playground,
     predictions,
     refine,
+    wavespeed,
 )
 from hidream.service.settings import Settings
 from hidream.service.storage import Storage
@@ -37,7 +38,7 @@ from hidream.service.worker import Worker
 
 log = logging.getLogger("hidream.api")
 ROUTERS = (predictions.router, media.router, catalog.router, files.router, openai.router, refine.router,
-           health.router, playground.router)
+           wavespeed.router, health.router, playground.router)
 
 
 class BodyLimit:

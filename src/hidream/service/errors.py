@@ -23,6 +23,12 @@ class Unauthorized(ServiceError):
     status = 401
 
 
+class Forbidden(ServiceError):
+    """A credential that is not the key (a signed URL) did not check out."""
+
+    status = 403
+
+
 class NotFound(ServiceError):
     status = 404
 

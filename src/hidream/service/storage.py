@@ -235,12 +235,13 @@ class UrlSigner:
         self.base_url = base_url.rstrip("/")
         self.ttl_s = ttl_s
 
-    def _mac(self, key: str, expires: int) -> str:
+    def mac(self, key: str, expires: int) -> str:
+        """The signature of `key` until `expires` (what `verify` checks): for file URLs and other signed links."""
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def url(self, key: str, now: float | None = None) -> str:
         expires = int((now or time.time()) + self.ttl_s)
-        return f"{self.base_url}/files/{key}?expires={expires}&signature={self._mac(key, expires)}"
+        return f"{self.base_url}/files/{key}?expires={expires}&signature={self.mac(key, expires)}"
 
     def verify(self, key: str, expires: str, signature: str, now: float | None = None) -> bool:
         try:
@@ -249,7 +250,7 @@ class UrlSigner:
             return False
         if exp < (now or time.time()):
             return False
-        return hmac.compare_digest(self._mac(key, exp), signature)
+        return hmac.compare_digest(self.mac(key, exp), signature)
 
     def key_of(self, url: str) -> str | None:
         """The storage key of a URL this service issued (any query), else None."""

@@ -639,6 +639,10 @@ class Store:
             conn.execute(insert(uploads).values(blob=blob, key_id=key_id, content_type=content_type,
                                                 size=size, created_at=utcnow()))
 
+    def remove_upload(self, blob: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(uploads).where(uploads.c.blob == blob))
+
     def upload_owner(self, blob: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.execute(select(uploads.c.key_id).where(uploads.c.blob == blob)).scalar()
