@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -67,7 +68,14 @@ class Proc:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.env.get("HIDREAM_TLS_CERT") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an https client of this process trusts: its own certificate (self-signed in the tests)."""
+        cert = self.env.get("HIDREAM_TLS_CERT")
+        return ssl.create_default_context(cafile=cert) if cert else True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -99,7 +107,7 @@ class Proc:
                 raise AssertionError(f"server exited ({self.popen.returncode}) while starting:\n"
                                      f"{self.output()[-3000:]}")
             try:
-                r = httpx.get(self.base_url + "/healthz", timeout=2)
+                r = httpx.get(self.base_url + "/healthz", timeout=2, verify=self.verify)
                 last = r.json()
                 state = last["data"]["worker"]
                 if r.status_code == 200 and (state in ("idle", "running") if worker else state is None):

@@ -266,6 +266,29 @@ def _uvicorn_server(config: Any, worker: Worker | None) -> Any:
 # --- the processes -----------------------------------------------------------------------------------------
 
 
+def tls_options(settings: Settings) -> dict[str, str]:
+    """uvicorn's TLS options for HIDREAM_TLS_CERT and HIDREAM_TLS_KEY (both or neither), checked to load
+    together; ServiceError naming the variable that is wrong."""
+    import ssl
+
+    cert, key = settings.tls_cert, settings.tls_key
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        given, missing = ("HIDREAM_TLS_CERT", "HIDREAM_TLS_KEY") if cert else ("HIDREAM_TLS_KEY", "HIDREAM_TLS_CERT")
+        raise ServiceError(f"{missing}: is required with {given} (--tls-cert FILE --tls-key FILE)")
+    for name, path in (("HIDREAM_TLS_CERT", cert), ("HIDREAM_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise ServiceError(f"{name}: {path} is not a file")
+    try:
+        # an encrypted key gets an empty password (an error here), never OpenSSL's prompt on the terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key), password=b"")
+    except ssl.SSLError as err:
+        raise ServiceError(f"HIDREAM_TLS_CERT: {cert} and HIDREAM_TLS_KEY: {key} do not load as a PEM certificate "
+                           f"and its private key ({err.reason or err})") from None
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+
+
 def serve(settings: Settings) -> int:
     setup_logging()
     sock = listen_socket(settings.host, settings.port)
@@ -281,6 +304,7 @@ def serve(settings: Settings) -> int:
             from hidream.service.worker import Worker
 
             check_settings(settings)
+            tls = tls_options(settings)  # before anything starts: a certificate that cannot load stops it here
             store = open_store(settings)
             storage = open_storage(settings)  # an S3 bucket is checked here: a bad one stops start-up
             engine = load_engine(settings) if settings.worker else None
@@ -298,7 +322,7 @@ def serve(settings: Settings) -> int:
                       f"more keys: {keys_create_command(settings)}", flush=True)
             else:
                 print(f"to make an API key: {keys_create_command(settings)}", flush=True)
-            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, **tls)
             # uvicorn puts its own handlers in place while it runs (see _uvicorn_server), then ours back.
             _uvicorn_server(config, worker).run(sockets=[sock])
             for sig in (signal.SIGINT, signal.SIGTERM):  # stopped already: another signal says nothing more

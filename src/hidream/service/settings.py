@@ -104,6 +104,8 @@ class Settings:
     refine_model: str | None = None  # the model named in its requests; None: left out
     refine_key: str | None = field(default=None, repr=False)  # its Bearer token
     refine_timeout_s: float = 30.0
+    tls_cert: Path | None = None  # a PEM certificate chain: serve https directly (with tls_key)
+    tls_key: Path | None = None  # its PEM private key
 
     @property
     def refiner(self):
@@ -117,7 +119,8 @@ class Settings:
 
     @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def db_url(self) -> str:
@@ -225,6 +228,7 @@ PARSERS: dict[str, Any] = {
     "webhook_timeout_s": float, "webhook_retry_s": float, "webhook_give_up_s": float,
     "lora_dir": Path, "lora_urls": _bool, "lora_max_bytes": int, "lora_cache_bytes": int,
     "refine_url": str, "refine_model": str, "refine_key": str, "refine_timeout_s": float,
+    "tls_cert": Path, "tls_key": Path,
 }
 ENV_NAMES = {name: "HIDREAM_" + ("MODEL_ALIASES" if name == "aliases" else name.upper()) for name in PARSERS}
 
@@ -289,12 +293,16 @@ HELP: dict[str, str] = {
     "refine_model": "the model the refiner's requests name",
     "refine_key": "the refiner's API key (sent as a Bearer token)",
     "refine_timeout_s": "how long a refinement may take, in seconds, before the prompt is used as given",
+    "tls_cert": "a PEM certificate (chain) file: serve https directly, with --tls-key (else plain http, for a "
+                "reverse proxy in front)",
+    "tls_key": "the PEM private key file of --tls-cert",
 }
 # Defaults that are not a plain value of `Settings`.
 _DEFAULT_SHOWN = {
     "home": "$HOME/.cache/hidream", "model": "the demo model shipped in the package (coloured shapes only)",
     "variant": "from the checkpoint: a name ending in -Dev, or a single file's metadata", "device": "cuda when present, else cpu",
-    "dtype": "none: see precision", "precision": "bf16 on CUDA, fp32 on CPU", "public_url": "http://HOST:PORT",
+    "dtype": "none: see precision", "precision": "bf16 on CUDA, fp32 on CPU",
+    "public_url": "http://HOST:PORT (https with --tls-cert)",
     "database_url": "sqlite:///HOME/hidream.db",
     "storage_dir": "HOME/storage", "storage_url": "the local directory, HIDREAM_STORAGE_DIR",
     "s3_endpoint_url": "AWS S3", "s3_region": "boto3's", "s3_access_key_id": "boto3's default credentials",
@@ -304,6 +312,7 @@ _DEFAULT_SHOWN = {
     "lora_cache_bytes": "2147483648 (2 GiB)",
     "refine_url": "none: refine_prompt is refused", "refine_model": "none: left out of the request",
     "refine_key": "none",
+    "tls_cert": "none: plain http", "tls_key": "none",
 }
 
 
