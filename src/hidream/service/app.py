@@ -28,6 +28,7 @@ from hidream.service.routes import (
     playground,
     predictions,
     refine,
+    replicate,
     wavespeed,
 )
 from hidream.service.settings import Settings
@@ -38,7 +39,7 @@ from hidream.service.worker import Worker
 
 log = logging.getLogger("hidream.api")
 ROUTERS = (predictions.router, media.router, catalog.router, files.router, openai.router, refine.router,
-           wavespeed.router, health.router, playground.router)
+           wavespeed.router, replicate.router, health.router, playground.router)
 
 
 class BodyLimit:
@@ -141,7 +142,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings, store: Store, storage: Storage, worker: Worker | None = None) -> FastAPI:
     """The API over a store and a storage; with `worker`, it runs in a thread for the app's lifetime."""
     ctx = ApiContext.build(settings, store, storage, worker)
-    sender = WebhookSender(settings, store, ctx.renderer.one, ctx.policy)
+    sender = WebhookSender(settings, store, replicate.webhook_render(ctx), ctx.policy)
     janitor = Janitor(store, storage)
 
     @asynccontextmanager

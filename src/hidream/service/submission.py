@@ -110,8 +110,10 @@ def output_size(body: schemas.GenerateImageRequest, width: int, height: int, ref
 async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest,
                  references: list[Reference] | None = None, shown_urls: list[str] | None = None,
                  idempotency: tuple[str, str] | None = None, reference_field: str = "reference_image_urls",
-                 ) -> dict[str, Any]:
+                 extra_input: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate what the schema cannot, store the references and queue the task; its row.
+
+    `extra_input`: kept in the task's input as well (another API surface's marks, e.g. its model name).
 
     `references` None: fetch body.reference_image_urls. With `idempotency` (key, request hash) already
     used by this API key: the first request's task, and nothing is fetched or stored.
@@ -138,7 +140,7 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
     if body.webhook_url is not None:
         await check_target(body.webhook_url, ctx.policy, "webhook_url")
     if references is None:
-        references = list(await asyncio.gather(*(reference(ctx, u, f"reference_image_urls[{i}]", key_id)
+        references = list(await asyncio.gather(*(reference(ctx, u, f"{reference_field}[{i}]", key_id)
                                                  for i, u in enumerate(body.reference_image_urls))))
         shown_urls = [u if not u.startswith("data:") else f"data: URI ({len(u):,} characters)"
                       for u in body.reference_image_urls]
@@ -152,14 +154,15 @@ async def submit(ctx: ApiContext, key_id: str, body: schemas.GenerateImageReques
             await run_in_threadpool(store.check_limits, key_id, ctx.limits)
             refinement = await refine_async(settings.refiner, body.prompt, mode_of(len(references)))
         return await run_in_threadpool(_persist, ctx, key_id, body, model, width, height, references, shown_urls,
-                                       idempotency, lora_set, refinement)
+                                       idempotency, lora_set, refinement, extra_input)
     finally:
         await run_in_threadpool(lora_set.discard)  # downloads that were not kept: the request failed
 
 
 def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, model: str, width: int, height: int,
              references: list[Reference], shown_urls: list[str] | None, idempotency: tuple[str, str] | None,
-             lora_set: loras.LoraSet, refinement: Refinement | None = None) -> dict[str, Any]:
+             lora_set: loras.LoraSet, refinement: Refinement | None = None,
+             extra_input: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's input, then its files and its row (blocking); a failure removes the files again."""
     settings, store, storage = ctx.settings, ctx.store, ctx.storage
     seed = body.seed if body.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
@@ -182,6 +185,7 @@ def _persist(ctx: ApiContext, key_id: str, body: schemas.GenerateImageRequest, m
         inp["snap_to_native"] = True
     if body.cache != "off":  # likewise
         inp["cache"] = body.cache
+    inp |= extra_input or {}
     if refinement is not None:  # both texts kept: `prompt` as given, `refined_prompt` what is drawn
         inp["refine_prompt"] = True
         if refinement.refined is not None:

@@ -76,11 +76,15 @@ def to_request(fields: dict[str, Any], model_id: str, task: str, webhook: str | 
     try:
         return schemas.GenerateImageRequest.model_validate(native)
     except ValidationError as err:
-        message = schemas.validation_message(err)
-        for theirs, ours in RENAMED.items():  # the message names the field as the request did
-            if message.startswith(ours):
-                message = theirs + message[len(ours):]
-        raise BadRequest(message) from None
+        raise BadRequest(theirs(schemas.validation_message(err))) from None
+
+
+def theirs(message: str) -> str:
+    """A native `field: rule` message with the field as WaveSpeed names it (`size`, `images[0]`)."""
+    for name, ours in RENAMED.items():
+        if message.startswith(ours):
+            return name + message[len(ours):]
+    return message
 
 
 def render(ctx: ApiContext, row: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +166,11 @@ async def submit_task(model: str, request: Request, ctx: Ctx, key_id: Key, webho
     idem = idempotency_key(request)
     body = to_request(await _json_object(request), model_id, task, webhook)
     idempotency = (idem, fingerprint(f"wavespeed:{task}", body.model_dump(mode="json"))) if idem else None
-    row = await submit(ctx, key_id, body, idempotency=idempotency, reference_field="images")
+    try:
+        row = await submit(ctx, key_id, body, idempotency=idempotency, reference_field="images")
+    except BadRequest as err:  # the checks past the schema's (the size rule, a reference that cannot be used)
+        err.message = theirs(err.message)
+        raise
     if body.enable_sync_mode:
         row = await wait_for(ctx, row["id"], ctx.settings.sync_timeout_s)
     return envelope(await run_in_threadpool(render, ctx, row))
