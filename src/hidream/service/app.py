@@ -21,6 +21,7 @@ from hidream.service.errors import ServiceError, TooManyRequests
 from hidream.service.janitor import Janitor
 from hidream.service.routes import (
     catalog,
+    fal,
     files,
     health,
     media,
@@ -39,7 +40,7 @@ from hidream.service.worker import Worker
 
 log = logging.getLogger("hidream.api")
 ROUTERS = (predictions.router, media.router, catalog.router, files.router, openai.router, refine.router,
-           wavespeed.router, replicate.router, health.router, playground.router)
+           wavespeed.router, replicate.router, fal.router, health.router, playground.router)
 
 
 class BodyLimit:
@@ -79,6 +80,17 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def webhook_body(ctx: ApiContext, row: dict[str, Any]) -> dict[str, Any]:
+    """What a finished task's webhook carries: the shape of the API that made it (Replicate's prediction, fal's
+    result message), else the native prediction."""
+    surface = row["input"].get("surface")
+    if surface == replicate.SURFACE:
+        return replicate.render(ctx, row)
+    if surface == fal.SURFACE:
+        return fal.webhook_body(ctx, row)
+    return ctx.renderer.one(row)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -142,7 +154,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings, store: Store, storage: Storage, worker: Worker | None = None) -> FastAPI:
     """The API over a store and a storage; with `worker`, it runs in a thread for the app's lifetime."""
     ctx = ApiContext.build(settings, store, storage, worker)
-    sender = WebhookSender(settings, store, replicate.webhook_render(ctx), ctx.policy)
+    sender = WebhookSender(settings, store, lambda row: webhook_body(ctx, row), ctx.policy)
     janitor = Janitor(store, storage)
 
     @asynccontextmanager

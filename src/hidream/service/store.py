@@ -436,6 +436,18 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(tasks).where(tasks.c.status.in_(ACTIVE))).scalar_one()
 
+    def queue_position(self, task_id: str) -> int:
+        """How many waiting tasks of its model a worker takes before this one (0: it is next, or not waiting)."""
+        with self.engine.connect() as conn:
+            me = conn.execute(select(tasks.c.created_at, tasks.c.model, tasks.c.status)
+                              .where(tasks.c.id == task_id)).first()
+            if me is None or me.status != "created":
+                return 0
+            ahead = or_(tasks.c.created_at < me.created_at, and_(tasks.c.created_at == me.created_at,
+                                                                 tasks.c.id < task_id))
+            return conn.execute(select(func.count()).select_from(tasks).where(
+                tasks.c.status == "created", tasks.c.model == me.model, ahead)).scalar_one()
+
     # --- the worker's side ------------------------------------------------------------------------
 
     def claim(self, worker: str, models: list[str], lease_s: float) -> dict[str, Any] | None:

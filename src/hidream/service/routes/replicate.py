@@ -259,12 +259,3 @@ async def create_file(request: Request) -> JSONResponse:
 
     return await answer(ctx, request, work)
 
-
-def webhook_render(ctx: ApiContext) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """What a finished task's webhook carries: Replicate's prediction object for a task made here, else the
-    native prediction."""
-    def one(row: dict[str, Any]) -> dict[str, Any]:
-        return render(ctx, row) if row["input"].get("surface") == SURFACE else ctx.renderer.one(row)
-
-    return one
-
