@@ -494,6 +494,25 @@ def test_invalid_values_show_the_servers_error_at_their_field(page: Page, server
     assert predictions(server, key) == []  # a rejected request leaves nothing behind
 
 
+def test_runs_made_through_other_providers_apis_are_in_the_history(page: Page, server: Server, key: str) -> None:
+    with su.client(server.url, key) as c:
+        made = su.ok(c.post("/api/v3/wavespeed-ai/hidream-o1-image/text-to-image", json={
+            "prompt": "made through wavespeed", "size": "256*256", "num_inference_steps": 1}))
+        su.poll(c, f"/api/v1/model/prediction/{made['id']}")
+        r = c.post("/v1/models/hidream-ai/hidream-o1-image/predictions", headers={"Prefer": "wait"},
+                   json={"input": {"prompt": "made through replicate", "width": 256, "height": 256,
+                                   "num_inference_steps": 1}})
+        assert r.status_code == 201 and r.json()["status"] == "succeeded", r.text
+    sign_in(page, server, key)
+    cards = page.locator("#history-list > li")
+    expect(cards.first).to_contain_text("made through replicate")
+    expect(cards.nth(1)).to_contain_text("made through wavespeed")
+    page.get_by_role("button", name="Reopen: made through wavespeed", exact=True).click()
+    expect(page.locator("#result-meta")).to_contain_text("WaveSpeed's API")
+    page.get_by_role("button", name="Reopen: made through replicate", exact=True).click()
+    expect(page.locator("#result-meta")).to_contain_text("Replicate's API")
+
+
 def test_history_pages_and_reopens(page: Page, server: Server, key: str, screenshots: Path) -> None:
     # 13 runs (one more than a page of the gallery), made through the API
     with su.client(server.url, key) as c:

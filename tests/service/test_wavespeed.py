@@ -110,7 +110,7 @@ def test_text_to_image_async_then_read_through_the_native_api(server: Server) ->
     assert [u.split("?")[0] for u in latest["outputs"]] == [url.split("?")[0]]  # the same file, signed anew
     native = server.native(latest["id"])
     assert native["input"]["width"] == 64 and native["input"]["num_inference_steps"] == 2
-    assert native["input"]["prompt"] == "a red circle on a blue background"
+    assert native["input"]["prompt"] == "a red circle on a blue background" and native["input"]["surface"] == "wavespeed"
     result = client.get_result(latest["id"])["data"]
     assert result["status"] == "completed" and result["urls"]["get"].endswith(f"/api/v3/predictions/{latest['id']}/result")
 

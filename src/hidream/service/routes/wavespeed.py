@@ -167,7 +167,8 @@ async def submit_task(model: str, request: Request, ctx: Ctx, key_id: Key, webho
     body = to_request(await _json_object(request), model_id, task, webhook)
     idempotency = (idem, fingerprint(f"wavespeed:{task}", body.model_dump(mode="json"))) if idem else None
     try:
-        row = await submit(ctx, key_id, body, idempotency=idempotency, reference_field="images")
+        row = await submit(ctx, key_id, body, idempotency=idempotency, reference_field="images",
+                           extra_input={"surface": "wavespeed"})
     except BadRequest as err:  # the checks past the schema's (the size rule, a reference that cannot be used)
         err.message = theirs(err.message)
         raise

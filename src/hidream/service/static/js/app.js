@@ -12,6 +12,8 @@ const PRESET_NAMES = {
   landscape_4_3: "Landscape 4:3", landscape_16_9: "Landscape 16:9",
 };
 const MODE_NAMES = { "text-to-image": "Text to image", edit: "Edit", personalization: "Personalize" };
+// The other providers' APIs a run can come through (its input's `surface`); none: this API or the playground.
+const SURFACE_NAMES = { wavespeed: "WaveSpeed's API", replicate: "Replicate's API", fal: "fal's API" };
 
 // API field -> [the control to focus, the element that shows its error]
 const FIELDS = {
@@ -1141,6 +1143,7 @@ function renderMeta(pred) {
   const inp = pred.input || {};
   const rows = [
     ["Mode", MODE_NAMES[inp.mode] || inp.mode],
+    ["Made through", inp.surface && (SURFACE_NAMES[inp.surface] || inp.surface)],
     ["Refined prompt", inp.refined_prompt],
     ["Seam smoothing", inp.seam_smoothing && `steps ${inp.seam_smoothing.start}–${inp.seam_smoothing.end} of the schedule, ${inp.seam_smoothing.passes} passes`],
     ["Step cache", inp.cache],
