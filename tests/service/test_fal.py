@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from test_tls import self_signed
-from test_wavespeed import Hooks, png
+from test_wavespeed import png, serving
 
 try:
     from . import server_util as su
@@ -71,18 +71,12 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def fal(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """A https server with a worker, and what the SDK saw of it (plus the server, the hooks and the key)."""
-    home = tmp_path_factory.mktemp("fal")
+    home = tmp_path_factory.mktemp("fal-files")
     cert, key = self_signed(home)
-    procs = su.Processes(home.parent / (home.name + "-logs"))
-    hooks = Hooks()
-    hooks.start()
-    try:
-        proc = procs.serve(su.service_env(home / "home", demo_checkpoint, tls_cert=cert, tls_key=key,
-                                          fetch_allow="127.0.0.1/32", webhook_retry_s=0.2), worker=True)
-        token = proc.first_key()
+    with serving(tmp_path_factory, demo_checkpoint, "fal", tls_cert=cert, tls_key=key) as (proc, token, hooks):
         ref = home / "ref.png"
         ref.write_bytes(png())
-        env = su.service_env(home / "home", None) | {
+        env = su.service_env(home, None) | {
             "FAL_KEY": token, "SSL_CERT_FILE": str(cert),
             "FAL_RUN_HOST": f"127.0.0.1:{proc.port}/fal/run", "FAL_QUEUE_RUN_HOST": f"127.0.0.1:{proc.port}/fal/queue"}
         args = json.dumps([T2I, EDIT, QUICK, str(ref), hooks.http.url("/fal")])
@@ -91,9 +85,6 @@ def fal(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iter
         assert done.returncode == 0, (done.stdout, done.stderr[-4000:], proc.output()[-3000:])
         seen = json.loads(done.stdout.strip().splitlines()[-1])
         yield {"seen": seen, "proc": proc, "token": token, "cert": cert, "hooks": hooks}
-    finally:
-        procs.stop_all()
-        hooks.http.close()
 
 
 def native(fal: dict[str, Any], prediction_id: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
 
-from test_wavespeed import Hooks, png
+from test_wavespeed import Hooks, png, serving
 
 try:
     from . import server_util as su
@@ -38,19 +38,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("replicate")
-    procs = su.Processes(home.parent / (home.name + "-logs"))
-    hooks = Hooks()
-    hooks.start()
-    try:
-        proc = procs.serve(su.service_env(home, demo_checkpoint, fetch_allow="127.0.0.1/32", webhook_retry_s=0.2),
-                           worker=True)
-        key = proc.first_key()
-        assert key, proc.output()
+    with serving(tmp_path_factory, demo_checkpoint, "replicate") as (proc, key, hooks):
         yield Server(proc, key, hooks)
-    finally:
-        procs.stop_all()
-        hooks.http.close()
 
 
 def size_of(url: str) -> tuple[int, int]:

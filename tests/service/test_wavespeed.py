@@ -7,6 +7,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -71,21 +72,29 @@ class Server:
             return su.ok(c.get(f"/api/v1/model/prediction/{prediction_id}"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("wavespeed")
+@contextmanager
+def serving(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, name: str,
+            **settings: Any) -> Iterator[tuple[su.Proc, str, Hooks]]:
+    """A `hidream serve` with a worker (webhooks to loopback allowed), its first key and a webhook receiver."""
+    home = tmp_path_factory.mktemp(name)
     procs = su.Processes(home.parent / (home.name + "-logs"))
     hooks = Hooks()
     hooks.start()
     try:
-        proc = procs.serve(su.service_env(home, demo_checkpoint, fetch_allow="127.0.0.1/32", webhook_retry_s=0.2),
-                           worker=True)
+        proc = procs.serve(su.service_env(home / "home", checkpoint, fetch_allow="127.0.0.1/32", webhook_retry_s=0.2,
+                                          **settings), worker=True)
         key = proc.first_key()
         assert key, proc.output()
-        yield Server(proc, key, hooks)
+        yield proc, key, hooks
     finally:
         procs.stop_all()
         hooks.http.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, demo_checkpoint: Path) -> Iterator[Server]:
+    with serving(tmp_path_factory, demo_checkpoint, "wavespeed") as (proc, key, hooks):
+        yield Server(proc, key, hooks)
 
 
 def png(size: tuple[int, int] = (64, 48)) -> bytes:

@@ -11,8 +11,6 @@ The tasks are the native ones: a request made here reads the same through `/api/
 
 from __future__ import annotations
 
-import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,14 +18,14 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import OperationalError
 
 from hidream.service import schemas
 from hidream.service.context import TERMINAL, ApiContext
 from hidream.service.errors import BadRequest, NotFound, ServiceError
+from hidream.service.routes import provider
+from hidream.service.routes.provider import retry_headers
 from hidream.service.submission import fingerprint, idempotency_key, owned, submit, wait_for
 
-log = logging.getLogger("hidream.api")
 router = APIRouter()
 
 SURFACE = "fal"
@@ -54,26 +52,18 @@ def invalid(message: str) -> JSONResponse:
     return problem(422, [{"loc": loc, "msg": message, "type": "value_error"}])
 
 
+def error_shape(err: ServiceError) -> JSONResponse:
+    """fal's error for `err`: the 422 list for input that cannot be used, else `{"detail": message}`."""
+    return invalid(err.message) if isinstance(err, BadRequest) else problem(err.status, err.message,
+                                                                             retry_headers(err))
+
+
 async def answer(ctx: ApiContext, request: Request, work: Callable[[str], Awaitable[JSONResponse]]) -> JSONResponse:
-    """Check the key (`Key <key>` or `Bearer <key>`), run `work(key_id)`; errors in fal's shape."""
-    try:
-        header = request.headers.get("authorization") or ""
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() == "key":
-            header = f"Bearer {token}"
-        key_id = await run_in_threadpool(ctx.key_for_header, header or None)
-        return await work(key_id)
-    except BadRequest as err:
-        return invalid(err.message)
-    except ServiceError as err:
-        retry = getattr(err, "retry_after", None)
-        return problem(err.status, err.message, {"Retry-After": str(retry)} if retry is not None else None)
-    except OperationalError:
-        return problem(503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
-    except Exception:
-        rid = secrets.token_hex(6)
-        log.exception("request %s failed", rid)
-        return problem(500, f"internal error (request id {rid})")
+    """Keys as fal sends them, `Authorization: Key <key>` (Bearer works too)."""
+    header = request.headers.get("authorization") or ""
+    scheme, _, token = header.strip().partition(" ")
+    return await provider.answer(ctx, request, work, error_shape,
+                                 f"Bearer {token}" if scheme.lower() == "key" else (header or None))
 
 
 def served_app(ctx: ApiContext, app: str) -> tuple[str, str, str]:
@@ -111,10 +101,7 @@ def to_request(fields: dict[str, Any], model_id: str, task: str, webhook: str | 
         native["enable_base64_output"] = True
     if webhook is not None:
         native["webhook_url"] = webhook
-    try:
-        return schemas.GenerateImageRequest.model_validate(native)
-    except ValidationError as err:
-        raise BadRequest(theirs(schemas.validation_message(err))) from None
+    return provider.native_request(native, theirs)
 
 
 async def _submit(ctx: ApiContext, request: Request, key_id: str, app: str) -> tuple[dict[str, Any], str]:

@@ -11,8 +11,6 @@ model does not take), files uploaded as multipart `content`, and webhooks that r
 from __future__ import annotations
 
 import hashlib
-import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -21,18 +19,15 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import OperationalError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
 from hidream.service import schemas
 from hidream.service.context import ApiContext
-from hidream.service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
-from hidream.service.fetch import check_image
-from hidream.service.submission import EXTENSIONS, fingerprint, idempotency_key, owned, submit, wait_for
+from hidream.service.errors import BadRequest, NotFound, ServiceError
+from hidream.service.routes import provider
+from hidream.service.routes.media import store_form_image
+from hidream.service.routes.provider import retry_headers
+from hidream.service.submission import fingerprint, idempotency_key, owned, submit, wait_for
 
-log = logging.getLogger("hidream.api")
 router = APIRouter()
 
 SURFACE = "replicate"  # a task's input["surface"]: its webhook gets Replicate's prediction object
@@ -60,21 +55,13 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
                         status_code=status, headers=headers, media_type="application/problem+json")
 
 
+def error_shape(err: ServiceError) -> JSONResponse:
+    """Replicate's error for `err`: a problem, 422 for input the model cannot take."""
+    return problem(422 if isinstance(err, BadRequest) else err.status, err.message, retry_headers(err))
+
+
 async def answer(ctx: ApiContext, request: Request, work: Callable[[str], Awaitable[JSONResponse]]) -> JSONResponse:
-    """Check the key (401 whatever the body), run `work(key_id)`; any error as a problem."""
-    try:
-        key_id = await run_in_threadpool(ctx.key_for_header, request.headers.get("authorization"))
-        return await work(key_id)
-    except ServiceError as err:
-        status = 422 if isinstance(err, BadRequest) else err.status
-        retry = getattr(err, "retry_after", None)
-        return problem(status, err.message, {"Retry-After": str(retry)} if retry is not None else None)
-    except OperationalError:
-        return problem(503, "the database is unavailable; retry shortly", {"Retry-After": "5"})
-    except Exception:
-        rid = secrets.token_hex(6)
-        log.exception("request %s failed", rid)
-        return problem(500, f"internal error (request id {rid})")
+    return await provider.answer(ctx, request, work, error_shape)
 
 
 def served_model(ctx: ApiContext, owner: str, name: str) -> str:
@@ -119,10 +106,7 @@ def to_request(ctx: ApiContext, body: dict[str, Any], model_id: str) -> schemas.
         native["reference_image_urls"] = images
     if body.get("webhook") is not None:
         native["webhook_url"] = body["webhook"]
-    try:
-        return schemas.GenerateImageRequest.model_validate(native)
-    except ValidationError as err:
-        raise InvalidInput(theirs(schemas.validation_message(err), inp)) from None
+    return provider.native_request(native, lambda message: theirs(message, inp))
 
 
 def theirs(message: str, inp: dict[str, Any]) -> str:
@@ -227,35 +211,14 @@ async def create_file(request: Request) -> JSONResponse:
     ctx: ApiContext = request.app.state.ctx
 
     async def work(key_id: str) -> JSONResponse:
-        try:
-            form = await request.form(max_files=1, max_fields=10)
-        except (HTTPException, MultiPartException, ValueError) as err:
-            raise BadRequest(f"content: the body is not a valid multipart/form-data upload ({err})") from None
-        file = form.get("content")
-        if not isinstance(file, UploadFile):
-            raise BadRequest("content: is required (a multipart/form-data file field named 'content')")
-        data = await file.read(ctx.settings.max_upload_bytes + 1)
-        if len(data) > ctx.settings.max_upload_bytes:
-            raise PayloadTooLarge(f"content: larger than {ctx.settings.max_upload_bytes:,} bytes")
-        info = await run_in_threadpool(check_image, data, ctx.policy, "content")
-        blob = f"uploads/{secrets.token_hex(16)}.{EXTENSIONS[info.format]}"
-
-        def persist() -> None:
-            ctx.storage.put(blob, data)
-            try:
-                ctx.store.add_upload(blob, key_id, info.content_type, len(data))
-            except BaseException:
-                ctx.storage.delete(blob)
-                raise
-
-        await run_in_threadpool(persist)
-        url = ctx.signer.url(blob)
+        up = await store_form_image(ctx, request, key_id, "content")
         created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         return JSONResponse({
-            "id": blob.removeprefix("uploads/").split(".")[0], "name": (file.filename or "file")[:200],
-            "content_type": info.content_type, "size": len(data), "etag": hashlib.md5(data).hexdigest(),  # noqa: S324
-            "checksums": {"sha256": hashlib.sha256(data).hexdigest()}, "metadata": {}, "created_at": created,
-            "expires_at": None, "urls": {"get": url}}, status_code=201)
+            "id": up.blob.removeprefix("uploads/").split(".")[0], "name": up.filename,
+            "content_type": up.content_type, "size": len(up.data),
+            "etag": hashlib.md5(up.data).hexdigest(),  # noqa: S324 (an etag, not a secret)
+            "checksums": {"sha256": hashlib.sha256(up.data).hexdigest()}, "metadata": {}, "created_at": created,
+            "expires_at": None, "urls": {"get": ctx.signer.url(up.blob)}}, status_code=201)
 
     return await answer(ctx, request, work)
 

@@ -24,6 +24,7 @@ from hidream.service import schemas
 from hidream.service.context import ApiContext, Ctx, Key, envelope
 from hidream.service.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge
 from hidream.service.fetch import check_image
+from hidream.service.routes import provider
 from hidream.service.submission import EXTENSIONS, fingerprint, idempotency_key, owned, submit, wait_for
 
 router = APIRouter()
@@ -73,10 +74,7 @@ def to_request(fields: dict[str, Any], model_id: str, task: str, webhook: str | 
     native = {RENAMED.get(k, k): v for k, v in fields.items()} | {"model": model_id}
     if webhook is not None:
         native["webhook_url"] = webhook
-    try:
-        return schemas.GenerateImageRequest.model_validate(native)
-    except ValidationError as err:
-        raise BadRequest(theirs(schemas.validation_message(err))) from None
+    return provider.native_request(native, theirs)
 
 
 def theirs(message: str) -> str:
