@@ -96,6 +96,7 @@ def test_cancel(server: Server) -> None:
     (MODEL, {"prompt": "x", "size": "64x64"}, 422, "input.size: unknown input"),
     (MODEL, {"prompt": ""}, 422, "input.prompt: "),
     (MODEL, {"prompt": "x", "images": ["ftp://example.com/a.png"]}, 422, "input.images[0]"),
+    (MODEL, {"prompt": "x", "image": "https://a.test/a.png", "images": []}, 422, "input.image: give image or images"),
     ("hidream-ai/hidream-o1-image-dev", {"prompt": "x"}, 404, f"is not served here (served: {MODEL})"),
 ])
 def test_errors_are_replicate_errors_with_our_message(server: Server, model: str, inputs: dict[str, Any],

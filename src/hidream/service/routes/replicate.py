@@ -101,6 +101,8 @@ def to_request(ctx: ApiContext, body: dict[str, Any], model_id: str) -> schemas.
         native["image_size"] = {"width": inp["width"], "height": inp["height"]}
     if "aspect_ratio" in inp:
         raise InvalidInput("input.aspect_ratio: not supported: give width and height")
+    if "image" in inp and "images" in inp:
+        raise InvalidInput("input.image: give image or images, not both")
     images = [inp["image"]] if isinstance(inp.get("image"), str) else inp.get("images", inp.get("image"))
     if images is not None:
         native["reference_image_urls"] = images
