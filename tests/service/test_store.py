@@ -70,6 +70,18 @@ def test_claim_oldest_first(store: Store, key: str) -> None:
     assert store.claim("w1", ["m"], 30) is None
 
 
+def test_queue_position_is_the_claim_order(store: Store, key: str) -> None:
+    a, b, c = (submit(store, key) for _ in range(3))
+    other = submit(store, key, model="other")
+    base = datetime(2025, 1, 1)
+    for tid, minutes in ((a, 2), (b, 0), (c, 1), (other, 0)):  # claimed b, c, a; `other` waits for another model
+        set_created_at(store, tid, base + timedelta(minutes=minutes))
+    assert [store.queue_position(t) for t in (b, c, a, other)] == [0, 1, 2, 0]
+    assert store.claim("w1", ["m"], 30)["id"] == b
+    assert [store.queue_position(t) for t in (b, c, a)] == [0, 0, 1]  # a task that runs waits for nothing
+    assert store.queue_position("no-such-task") == 0
+
+
 def test_claim_honours_models(store: Store, key: str) -> None:
     ta = submit(store, key, model="a")
     tb = submit(store, key, model="b")
